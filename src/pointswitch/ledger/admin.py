@@ -1,0 +1,273 @@
+"""Operator functions over the ledger: merchants, terminals, cards, invariants.
+
+Used by ``pointswitch admin``; they work while the switch runs (plain
+transactions on the same database).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import asyncpg
+
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+class AdminError(ValueError):
+    """A refusal an operator can act on (unknown id, bad value, duplicate)."""
+
+
+def hash_pin(pin: str) -> str:
+    """Salted, slow, one-way: scrypt. Stored as ``scrypt$N$r$p$salt$hash`` (hex)."""
+    if not re.fullmatch(r"[0-9]{4,12}", pin):
+        raise AdminError("a PIN is 4 to 12 digits")
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(pin.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_pin(pin: str, stored: str) -> bool:
+    _, n, r, p, salt, digest = stored.split("$")
+    candidate = hashlib.scrypt(pin.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p))
+    return hmac.compare_digest(candidate.hex(), digest)
+
+
+def _decimal(value: Any, what: str) -> Decimal:
+    try:
+        d = Decimal(str(value))
+    except InvalidOperation:
+        raise AdminError(f"{what} must be a number") from None
+    if d < 0 or d != d.quantize(Decimal("0.0001")):
+        raise AdminError(f"{what} must be >= 0 with at most 4 decimals")
+    return d
+
+
+async def _account(con: asyncpg.Connection, kind: str, owner: str) -> int:
+    return int(await con.fetchval(
+        "INSERT INTO accounts (kind, owner) VALUES ($1, $2)"
+        " ON CONFLICT (kind, owner) DO UPDATE SET owner = EXCLUDED.owner RETURNING account_id",
+        kind, owner,
+    ))
+
+
+async def add_merchant(con: asyncpg.Connection, merchant_id: str, name: str, earn_rate: Any,
+                       issue_price: Any = 1, redeem_value: Any = 1) -> dict[str, Any]:
+    if not re.fullmatch(r"[\x21-\x7e]{1,15}", merchant_id):
+        raise AdminError("a merchant id is 1 to 15 printable characters (field 42)")
+    rate = _decimal(earn_rate, "earn rate")
+    price = _decimal(issue_price, "issue price")
+    value = _decimal(redeem_value, "redemption value")
+    if value == 0:
+        raise AdminError("redemption value per point must be above zero")
+    async with con.transaction():
+        issued = await _account(con, "merchant_issued", merchant_id)
+        redeemed = await _account(con, "merchant_redeemed", merchant_id)
+        try:
+            await con.execute(
+                "INSERT INTO merchants (merchant_id, name, earn_rate_points_per_yuan,"
+                " issue_price_fen_per_point, redeem_value_fen_per_point, issued_account_id,"
+                " redeemed_account_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                merchant_id, name, rate, price, value, issued, redeemed,
+            )
+        except asyncpg.UniqueViolationError:
+            raise AdminError(f"merchant {merchant_id} exists") from None
+    return await get_merchant(con, merchant_id)
+
+
+async def get_merchant(con: asyncpg.Connection, merchant_id: str) -> dict[str, Any]:
+    row = await con.fetchrow(_MERCHANTS + " WHERE m.merchant_id = $1", merchant_id)
+    if row is None:
+        raise AdminError(f"no merchant {merchant_id}")
+    return _merchant(row)
+
+
+_MERCHANTS = """
+SELECT m.merchant_id, m.name, m.earn_rate_points_per_yuan, m.issue_price_fen_per_point,
+       m.redeem_value_fen_per_point, m.status,
+       (SELECT count(*) FROM terminals t WHERE t.merchant_id = m.merchant_id) AS terminals,
+       -(SELECT balance_points FROM account_balances WHERE account_id = m.issued_account_id) AS points_issued,
+       (SELECT balance_points FROM account_balances WHERE account_id = m.redeemed_account_id) AS points_redeemed
+FROM merchants m
+"""
+
+
+def _merchant(row: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "merchant_id": row["merchant_id"],
+        "name": row["name"],
+        "earn_rate_points_per_yuan": str(row["earn_rate_points_per_yuan"].normalize()),
+        "issue_price_fen_per_point": str(row["issue_price_fen_per_point"].normalize()),
+        "redeem_value_fen_per_point": str(row["redeem_value_fen_per_point"].normalize()),
+        "status": row["status"],
+        "terminals": row["terminals"],
+        "points_issued": row["points_issued"],
+        "points_redeemed": row["points_redeemed"],
+    }
+
+
+async def list_merchants(con: asyncpg.Connection) -> list[dict[str, Any]]:
+    return [_merchant(r) for r in await con.fetch(_MERCHANTS + " ORDER BY m.merchant_id")]
+
+
+async def add_terminal(con: asyncpg.Connection, terminal_id: str, merchant_id: str,
+                       status: str = "active") -> dict[str, Any]:
+    if not re.fullmatch(r"[\x21-\x7e]{1,8}", terminal_id):
+        raise AdminError("a terminal id is 1 to 8 printable characters (field 41)")
+    if status not in ("active", "disabled"):
+        raise AdminError("terminal status is active or disabled")
+    try:
+        await con.execute(
+            "INSERT INTO terminals (terminal_id, merchant_id, status) VALUES ($1, $2, $3)",
+            terminal_id, merchant_id, status,
+        )
+    except asyncpg.UniqueViolationError:
+        raise AdminError(f"terminal {terminal_id} exists") from None
+    except asyncpg.ForeignKeyViolationError:
+        raise AdminError(f"no merchant {merchant_id}") from None
+    return (await list_terminals(con, terminal_id=terminal_id))[0]
+
+
+async def set_terminal_status(con: asyncpg.Connection, terminal_id: str, status: str) -> dict[str, Any]:
+    if status not in ("active", "disabled"):
+        raise AdminError("terminal status is active or disabled")
+    done = await con.execute("UPDATE terminals SET status = $2 WHERE terminal_id = $1", terminal_id, status)
+    if done.endswith(" 0"):
+        raise AdminError(f"no terminal {terminal_id}")
+    return (await list_terminals(con, terminal_id=terminal_id))[0]
+
+
+async def list_terminals(con: asyncpg.Connection, *, merchant_id: str | None = None,
+                         terminal_id: str | None = None) -> list[dict[str, Any]]:
+    rows = await con.fetch(
+        "SELECT terminal_id, merchant_id, status, current_batch, signed_on_at, signed_off_at"
+        " FROM terminals WHERE ($1::text IS NULL OR merchant_id = $1)"
+        " AND ($2::text IS NULL OR terminal_id = $2) ORDER BY terminal_id",
+        merchant_id, terminal_id,
+    )
+    return [
+        {
+            "terminal_id": r["terminal_id"],
+            "merchant_id": r["merchant_id"],
+            "status": r["status"],
+            "current_batch": r["current_batch"],
+            "signed_on_at": r["signed_on_at"].isoformat() if r["signed_on_at"] else None,
+            "signed_off_at": r["signed_off_at"].isoformat() if r["signed_off_at"] else None,
+        }
+        for r in rows
+    ]
+
+
+def mask_card(card_number: str) -> str:
+    """First 6 and last 4 digits, the rest masked: what logs and screens may show."""
+    if len(card_number) <= 10:
+        return "*" * len(card_number)
+    return card_number[:6] + "*" * (len(card_number) - 10) + card_number[-4:]
+
+
+async def add_card(con: asyncpg.Connection, card_number: str, holder_name: str, phone: str = "",
+                   pin: str | None = None, status: str = "active") -> dict[str, Any]:
+    if not re.fullmatch(r"[0-9]{12,19}", card_number):
+        raise AdminError("a card number is 12 to 19 digits")
+    if status not in ("active", "blocked"):
+        raise AdminError("card status is active or blocked")
+    pin_hash = hash_pin(pin) if pin else None
+    async with con.transaction():
+        account = await _account(con, "card", card_number)
+        try:
+            await con.execute(
+                "INSERT INTO cards (card_number, holder_name, phone, pin_hash, status, account_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                card_number, holder_name, phone, pin_hash, status, account,
+            )
+        except asyncpg.UniqueViolationError:
+            raise AdminError(f"card {mask_card(card_number)} exists") from None
+    return await show_card(con, card_number, postings_limit=0)
+
+
+async def set_card_status(con: asyncpg.Connection, card_number: str, status: str) -> dict[str, Any]:
+    done = await con.execute(
+        "UPDATE cards SET status = $2, updated_at = now() WHERE card_number = $1", card_number, status
+    )
+    if done.endswith(" 0"):
+        raise AdminError(f"no card {mask_card(card_number)}")
+    return await show_card(con, card_number, postings_limit=0)
+
+
+async def show_card(con: asyncpg.Connection, card_number: str, postings_limit: int = 50) -> dict[str, Any]:
+    card = await con.fetchrow(
+        "SELECT card_number, holder_name, phone, status, points_balance, account_id,"
+        " pin_hash IS NOT NULL AS has_pin, created_at FROM cards WHERE card_number = $1",
+        card_number,
+    )
+    if card is None:
+        raise AdminError(f"no card {mask_card(card_number)}")
+    postings = await con.fetch(
+        "SELECT p.posting_id, p.reason, p.amount_points, p.created_at, p.debit_account_id,"
+        " r.operation, r.terminal_id, r.merchant_id, r.rrn, r.trace, r.batch"
+        " FROM postings p JOIN requests r USING (request_id)"
+        " WHERE p.debit_account_id = $1 OR p.credit_account_id = $1"
+        " ORDER BY p.posting_id DESC LIMIT $2",
+        card["account_id"], postings_limit,
+    )
+    return {
+        "card_number": card["card_number"],
+        "holder_name": card["holder_name"],
+        "phone": card["phone"],
+        "status": card["status"],
+        "has_pin": card["has_pin"],
+        "points_balance": card["points_balance"],
+        "postings": [
+            {
+                "posting_id": p["posting_id"],
+                "at": p["created_at"].isoformat(),
+                "reason": p["reason"],
+                "operation": p["operation"],
+                "points": -p["amount_points"] if p["debit_account_id"] == card["account_id"] else p["amount_points"],
+                "merchant_id": p["merchant_id"],
+                "terminal_id": p["terminal_id"],
+                "batch": p["batch"],
+                "trace": p["trace"],
+                "rrn": p["rrn"],
+            }
+            for p in postings
+        ],
+    }
+
+
+async def check_invariants(con: asyncpg.Connection) -> list[str]:
+    """The ledger invariants of ARCHITECTURE.md; returns what is violated (empty = all hold)."""
+    problems: list[str] = []
+    total = await con.fetchval("SELECT coalesce(sum(balance_points), 0) FROM account_balances")
+    if total != 0:
+        problems.append(f"sum over all accounts is {total}, not 0")
+    rows = await con.fetch(
+        "SELECT c.card_number, c.points_balance, b.balance_points FROM cards c"
+        " JOIN account_balances b ON b.account_id = c.account_id"
+        " WHERE c.points_balance <> b.balance_points LIMIT 10"
+    )
+    problems += [
+        f"card {mask_card(r['card_number'])}: balance {r['points_balance']} but journal says {r['balance_points']}"
+        for r in rows
+    ]
+    negative = await con.fetchval("SELECT count(*) FROM cards WHERE points_balance < 0")
+    if negative:
+        problems.append(f"{negative} cards have a negative balance")
+    orphans = await con.fetchval(
+        "SELECT count(*) FROM postings p JOIN requests r USING (request_id)"
+        " WHERE r.state <> 'approved'"
+    )
+    if orphans:
+        problems.append(f"{orphans} postings belong to requests that were not approved")
+    unposted = await con.fetchval(
+        "SELECT count(*) FROM requests r WHERE r.state = 'approved' AND r.points > 0"
+        " AND r.operation <> 'inquiry'"
+        " AND NOT EXISTS (SELECT 1 FROM postings p WHERE p.request_id = r.request_id AND p.reason <> 'reversal')"
+    )
+    if unposted:
+        problems.append(f"{unposted} approved requests that moved points have no posting")
+    return problems

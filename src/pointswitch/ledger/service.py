@@ -1,0 +1,479 @@
+"""The ledger: every operation enters through :meth:`Ledger.execute`.
+
+Each command runs in one PostgreSQL transaction. The order of work inside a
+transaction is the same everywhere, which keeps lock order fixed (request row,
+then card row) and so keeps deadlocks away:
+
+1. read the context (terminal, merchant, card) and draw a retrieval reference;
+2. decide; move the card's balance with a conditional UPDATE (the row lock
+   serialises concurrent requests on one card);
+3. insert the request-log row under its idempotency key; if the key is taken
+   the whole transaction is rolled back and the stored outcome is replayed;
+4. append postings (debit, credit, amount) for approved outcomes.
+
+Merchant and operator accounts are never updated in place: their balances are
+sums over ``postings`` (view ``account_balances``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .model import (
+    Command,
+    Inquire,
+    Operation,
+    OriginalRef,
+    Outcome,
+    Posting,
+    RequestKey,
+    Reverse,
+    SignOff,
+    SignOn,
+    Status,
+)
+
+log = structlog.get_logger("pointswitch.ledger")
+
+_CONTEXT = """
+SELECT t.status AS terminal_status, t.merchant_id, t.current_batch,
+       m.status AS merchant_status, m.earn_rate_points_per_yuan AS earn_rate,
+       m.redeem_value_fen_per_point AS redeem_value,
+       m.issued_account_id, m.redeemed_account_id,
+       c.status AS card_status, c.account_id AS card_account_id, c.points_balance,
+       lpad(nextval('rrn_seq')::text, 12, '0') AS rrn
+FROM terminals t
+JOIN merchants m USING (merchant_id)
+LEFT JOIN cards c ON c.card_number = $2
+WHERE t.terminal_id = $1
+"""
+
+_MOVE_CARD = """
+UPDATE cards SET points_balance = points_balance + $2, updated_at = now()
+WHERE card_number = $1 AND points_balance + $2 >= 0
+RETURNING points_balance, account_id
+"""
+
+_INSERT_REQUEST = """
+INSERT INTO requests (request_key, fingerprint, operation, state, status, terminal_id,
+                      merchant_id, card_number, amount_fen, points, batch, trace, rrn,
+                      original_request_id, shortfall_points, outcome)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+ON CONFLICT (request_key) DO NOTHING
+RETURNING request_id
+"""
+
+_INSERT_POSTING = """
+INSERT INTO postings (request_id, reason, debit_account_id, credit_account_id, amount_points)
+VALUES ($1, $2, $3, $4, $5)
+"""
+
+_ORIGINAL = """
+SELECT r.*, m.issued_account_id, m.redeemed_account_id
+FROM requests r JOIN merchants m USING (merchant_id)
+WHERE r.request_key = $1
+FOR UPDATE OF r
+"""
+
+# Declines that happen before a request can be attributed to a terminal and a
+# merchant are answered but not logged: the key does not belong to anyone.
+_UNLOGGED = {Status.UNKNOWN_TERMINAL, Status.TERMINAL_DISABLED, Status.WRONG_MERCHANT}
+
+
+class _KeyTaken(Exception):
+    """Raised inside a transaction to roll it back when the request key is taken."""
+
+
+def earned_points(amount_fen: int, earn_rate_points_per_yuan: Decimal) -> int:
+    """floor(amount in fen x earn rate / 100)."""
+    return int((Decimal(amount_fen) * earn_rate_points_per_yuan / 100).to_integral_value(ROUND_FLOOR))
+
+
+def points_for_value(amount_fen: int, value_fen_per_point: Decimal) -> int:
+    """Points needed to pay ``amount_fen``, rounded up (in the network's favour)."""
+    return int((Decimal(amount_fen) / value_fen_per_point).to_integral_value(ROUND_CEILING))
+
+
+def cash_value_fen(points: int, value_fen_per_point: Decimal) -> int:
+    return int((Decimal(points) * value_fen_per_point).to_integral_value(ROUND_FLOOR))
+
+
+def clawback_due(points: int, amount_fen: int, refunded_fen_after: int, clawed_points: int) -> int:
+    """Points still to claw back after refunding ``refunded_fen_after`` of an accrual.
+
+    Cumulative and pro rata, rounded up in the network's favour, never more
+    than the accrual earned in total."""
+    if amount_fen <= 0:
+        return 0
+    due_total = -((-points * refunded_fen_after) // amount_fen)  # ceil
+    return max(0, min(points, due_total) - clawed_points)
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _auth_code() -> str:
+    return f"{secrets.randbelow(1_000_000):06d}"
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+        self._handlers: dict[type, Callable[[Any], Awaitable[Outcome]]] = {
+            SignOn: self._sign_on,
+            SignOff: self._sign_off,
+            Inquire: self._inquire,
+            Posting: self._posting,
+            Reverse: self._reverse,
+        }
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def execute(self, command: Command) -> Outcome:
+        """The one entry point: run ``command`` in its own transaction."""
+        handler = self._handlers[type(command)]
+        outcome = await handler(command)
+        assert outcome.points_balance is None or outcome.points_balance >= 0
+        return outcome
+
+    # -- helpers ------------------------------------------------------------
+    @staticmethod
+    def _check_terminal(ctx: asyncpg.Record | None, cmd: Command) -> Status | None:
+        if ctx is None:
+            return Status.UNKNOWN_TERMINAL
+        if ctx["merchant_id"] != cmd.merchant_id or ctx["merchant_status"] != "active":
+            return Status.WRONG_MERCHANT
+        if ctx["terminal_status"] != "active":
+            return Status.TERMINAL_DISABLED
+        return None
+
+    async def _replay(self, key: RequestKey, fingerprint: bytes | None) -> Outcome:
+        async with self._pool.acquire() as con:
+            row = await con.fetchrow(
+                "SELECT fingerprint, state, outcome FROM requests WHERE request_key = $1", str(key)
+            )
+        assert row is not None, "a taken key has a row"
+        if row["state"] == "placeholder":
+            return Outcome(Status.ALREADY_REVERSED, host_time=_now())
+        if fingerprint is not None and bytes(row["fingerprint"]) != fingerprint:
+            return Outcome(Status.DUPLICATE_KEY, host_time=_now())
+        return Outcome.from_json(row["outcome"])
+
+    @staticmethod
+    async def _move_card(con: asyncpg.Connection, card: str, delta: int, *, cap: bool = False
+                         ) -> tuple[int, int, int] | None:
+        """Add ``delta`` points to a card. Returns (applied, new balance, account id),
+        or None when the balance would go below zero. With ``cap`` a debit takes
+        what is there instead of failing (reversals and refunds must go through)."""
+        if cap and delta < 0:
+            row = await con.fetchrow(
+                "SELECT points_balance FROM cards WHERE card_number = $1 FOR UPDATE", card
+            )
+            if row is None:
+                return None
+            delta = -min(-delta, row["points_balance"])
+        row = await con.fetchrow(_MOVE_CARD, card, delta)
+        if row is None:
+            return None
+        return delta, row["points_balance"], row["account_id"]
+
+    @staticmethod
+    async def _post(con: asyncpg.Connection, request_id: int, reason: str,
+                    debit: int, credit: int, points: int) -> None:
+        assert points >= 0 and debit != credit
+        if points:
+            await con.execute(_INSERT_POSTING, request_id, reason, debit, credit, points)
+
+    async def _log(self, con: asyncpg.Connection, cmd: Posting, outcome: Outcome, *,
+                   original_id: int | None = None, shortfall: int = 0) -> int:
+        state = "approved" if outcome.approved else "declined"
+        request_id = await con.fetchval(
+            _INSERT_REQUEST, str(cmd.key), cmd.fingerprint(), cmd.operation.value, state,
+            outcome.status.value, cmd.terminal_id, cmd.merchant_id, cmd.card_number,
+            cmd.amount_fen, outcome.points_moved, cmd.key.batch, cmd.key.trace, outcome.rrn,
+            original_id, shortfall, outcome.to_json(),
+        )
+        if request_id is None:
+            raise _KeyTaken
+        return int(request_id)
+
+    # -- network management ----------------------------------------------------
+    async def _sign_on(self, cmd: SignOn) -> Outcome:
+        async with self._pool.acquire() as con:
+            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, None)
+            bad = self._check_terminal(ctx, cmd)
+            if bad:
+                return Outcome(bad, host_time=_now())
+            batch = await con.fetchval(
+                "UPDATE terminals SET signed_on_at = now() WHERE terminal_id = $1 RETURNING current_batch",
+                cmd.terminal_id,
+            )
+        return Outcome(Status.APPROVED, batch=batch, host_time=_now())
+
+    async def _sign_off(self, cmd: SignOff) -> Outcome:
+        async with self._pool.acquire() as con:
+            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, None)
+            bad = self._check_terminal(ctx, cmd)
+            if bad:
+                return Outcome(bad, host_time=_now())
+            await con.execute("UPDATE terminals SET signed_off_at = now() WHERE terminal_id = $1", cmd.terminal_id)
+        return Outcome(Status.APPROVED, host_time=_now())
+
+    async def _inquire(self, cmd: Inquire) -> Outcome:
+        async with self._pool.acquire() as con:
+            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
+        bad = self._check_terminal(ctx, cmd)
+        if bad:
+            return Outcome(bad, host_time=_now())
+        assert ctx is not None
+        if ctx["card_status"] is None:
+            return Outcome(Status.UNKNOWN_CARD, rrn=ctx["rrn"], host_time=_now())
+        if ctx["card_status"] != "active":
+            return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
+        balance = ctx["points_balance"]
+        return Outcome(
+            Status.APPROVED, points_balance=balance,
+            cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]),
+            rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(),
+        )
+
+    # -- postings ------------------------------------------------------------
+    async def _posting(self, cmd: Posting) -> Outcome:
+        try:
+            async with self._pool.acquire() as con, con.transaction():
+                ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
+                bad = self._check_terminal(ctx, cmd)
+                if bad:
+                    return Outcome(bad, host_time=_now())
+                assert ctx is not None
+                step = _STEPS[cmd.operation]
+                return await step(self, con, ctx, cmd)
+        except _KeyTaken:
+            return await self._replay(cmd.key, cmd.fingerprint())
+
+    async def _decline(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting,
+                       status: Status, balance: int | None = None) -> Outcome:
+        outcome = Outcome(status, rrn=ctx["rrn"], host_time=_now(), points_balance=balance)
+        await self._log(con, cmd, outcome)
+        return outcome
+
+    def _approved(self, ctx: asyncpg.Record, points: int, balance: int) -> Outcome:
+        return Outcome(
+            Status.APPROVED, points_moved=points, points_balance=balance,
+            cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]),
+            rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(),
+        )
+
+    def _card_problem(self, ctx: asyncpg.Record, cmd: Posting, *, spending: bool) -> Status | None:
+        if ctx["card_status"] is None:
+            return Status.UNKNOWN_CARD
+        if spending and ctx["card_status"] != "active":
+            return Status.BLOCKED_CARD
+        if cmd.amount_fen <= 0:
+            return Status.INVALID_AMOUNT
+        return None
+
+    async def _accrue(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=True)
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        points = earned_points(cmd.amount_fen, ctx["earn_rate"])
+        moved = await self._move_card(con, cmd.card_number, points)
+        assert moved is not None
+        outcome = self._approved(ctx, points, moved[1])
+        request_id = await self._log(con, cmd, outcome)
+        await self._post(con, request_id, "accrue", ctx["issued_account_id"], moved[2], points)
+        return outcome
+
+    async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=True)
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        points = points_for_value(cmd.amount_fen, ctx["redeem_value"])
+        moved = await self._move_card(con, cmd.card_number, -points)
+        if moved is None:
+            return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
+        outcome = self._approved(ctx, points, moved[1])
+        request_id = await self._log(con, cmd, outcome)
+        await self._post(con, request_id, "redeem", moved[2], ctx["redeemed_account_id"], points)
+        return outcome
+
+    async def _original(self, con: asyncpg.Connection, cmd: Posting, ref: OriginalRef
+                        ) -> asyncpg.Record | None:
+        key = RequestKey(cmd.terminal_id, ref.batch, ref.trace)
+        return await con.fetchrow(_ORIGINAL, str(key))
+
+    async def _void(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=False)
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        assert cmd.original is not None
+        of_accrual = cmd.operation is Operation.VOID_ACCRUAL
+        target = Operation.ACCRUE if of_accrual else Operation.REDEEM
+        orig = await self._original(con, cmd, cmd.original)
+        if (orig is None or orig["state"] == "placeholder" or orig["operation"] != target.value
+                or orig["card_number"] != cmd.card_number
+                or (cmd.original.rrn and orig["rrn"] != cmd.original.rrn)):
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_FOUND)
+        if (orig["state"] != "approved" or orig["voided_by"] is not None
+                or orig["reversed_at"] is not None or orig["batch"] != cmd.key.batch
+                or orig["refunded_fen"] > 0):
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_ELIGIBLE)
+        if orig["amount_fen"] != cmd.amount_fen:
+            return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
+        points = orig["points"]
+        moved = await self._move_card(con, cmd.card_number, -points if of_accrual else points)
+        if moved is None:
+            return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
+        outcome = self._approved(ctx, points, moved[1])
+        request_id = await self._log(con, cmd, outcome, original_id=orig["request_id"])
+        if of_accrual:
+            await self._post(con, request_id, "void", moved[2], orig["issued_account_id"], points)
+        else:
+            await self._post(con, request_id, "void", orig["redeemed_account_id"], moved[2], points)
+        await con.execute("UPDATE requests SET voided_by = $2 WHERE request_id = $1", orig["request_id"], request_id)
+        return outcome
+
+    async def _refund(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=False)
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        assert cmd.original is not None
+        orig = await self._original(con, cmd, cmd.original)
+        if (orig is None or orig["state"] == "placeholder" or orig["operation"] != Operation.ACCRUE.value
+                or orig["card_number"] != cmd.card_number):
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_FOUND)
+        if orig["state"] != "approved" or orig["voided_by"] is not None or orig["reversed_at"] is not None:
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_ELIGIBLE)
+        if cmd.amount_fen > orig["amount_fen"] - orig["refunded_fen"]:
+            return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
+        due = clawback_due(orig["points"], orig["amount_fen"], orig["refunded_fen"] + cmd.amount_fen,
+                           orig["clawed_points"])
+        moved = await self._move_card(con, cmd.card_number, -due, cap=True)
+        assert moved is not None
+        taken = -moved[0]
+        outcome = self._approved(ctx, taken, moved[1])
+        request_id = await self._log(con, cmd, outcome, original_id=orig["request_id"], shortfall=due - taken)
+        await self._post(con, request_id, "refund", moved[2], orig["issued_account_id"], taken)
+        await con.execute(
+            "UPDATE requests SET refunded_fen = refunded_fen + $2, clawed_points = clawed_points + $3"
+            " WHERE request_id = $1", orig["request_id"], cmd.amount_fen, taken,
+        )
+        if due > taken:
+            log.warning("refund clawback short", shortfall_points=due - taken, terminal=cmd.terminal_id)
+        return outcome
+
+    # -- reversal ------------------------------------------------------------
+    async def _reverse(self, cmd: Reverse) -> Outcome:
+        async with self._pool.acquire() as con, con.transaction():
+            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
+            bad = self._check_terminal(ctx, cmd)
+            if bad:
+                return Outcome(bad, host_time=_now())
+            assert ctx is not None
+            balance = ctx["points_balance"]
+            outcome = Outcome(
+                Status.APPROVED, points_balance=balance,
+                cash_value_fen=None if balance is None else cash_value_fen(balance, ctx["redeem_value"]),
+                rrn=ctx["rrn"], host_time=_now(),
+            )
+            # A reversal for a key never seen: acknowledge it and remember it,
+            # so that the late original finds the key taken and is not posted.
+            placeholder = await con.fetchval(
+                "INSERT INTO requests (request_key, operation, state, status, terminal_id, merchant_id,"
+                " card_number, amount_fen, batch, trace, rrn, outcome, reversed_at, reversal_outcome)"
+                " VALUES ($1, $2, 'placeholder', 'approved', $3, $4, $5, $6, $7, $8, $9, $10, now(), $10)"
+                " ON CONFLICT (request_key) DO NOTHING RETURNING request_id",
+                str(cmd.key), cmd.operation.value, cmd.terminal_id, cmd.merchant_id, cmd.card_number,
+                cmd.amount_fen, cmd.key.batch, cmd.key.trace, ctx["rrn"], outcome.to_json(),
+            )
+            if placeholder is not None:
+                log.info("reversal before original remembered", terminal=cmd.terminal_id, trace=cmd.key.trace)
+                return outcome
+            orig = await con.fetchrow(_ORIGINAL, str(cmd.key))
+            assert orig is not None
+            if orig["reversed_at"] is not None:
+                return Outcome.from_json(orig["reversal_outcome"])
+            if orig["operation"] != cmd.operation.value or orig["card_number"] != cmd.card_number:
+                return replace(outcome, status=Status.ORIGINAL_NOT_FOUND)
+            points, shortfall = 0, 0
+            if orig["state"] == "approved":
+                points, shortfall, balance = await self._undo(con, orig)
+                outcome = replace(outcome, points_moved=points, points_balance=balance,
+                                  cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]))
+            await con.execute(
+                "UPDATE requests SET reversed_at = now(), reversal_outcome = $2,"
+                " shortfall_points = shortfall_points + $3 WHERE request_id = $1",
+                orig["request_id"], outcome.to_json(), shortfall,
+            )
+            if shortfall:
+                log.warning("reversal clawback short", shortfall_points=shortfall, terminal=cmd.terminal_id)
+            return outcome
+
+    async def _undo(self, con: asyncpg.Connection, orig: asyncpg.Record) -> tuple[int, int, int]:
+        """Undo an approved transaction's effect on the card. Returns (points moved,
+        shortfall, new balance). What was already undone by something else (a void,
+        a reversal of the transaction a void or refund points at) is not undone twice."""
+        op = Operation(orig["operation"])
+        card = orig["card_number"]
+        target = None
+        if orig["original_request_id"] is not None:  # voids and refunds point at an original
+            target = await con.fetchrow(
+                "SELECT * FROM requests WHERE request_id = $1 FOR UPDATE", orig["original_request_id"]
+            )
+        already_undone = (
+            (target is not None and target["reversed_at"] is not None)
+            or (op in (Operation.ACCRUE, Operation.REDEEM) and orig["voided_by"] is not None)
+        )
+        if already_undone:
+            balance = await con.fetchval("SELECT points_balance FROM cards WHERE card_number = $1", card)
+            return 0, 0, balance
+        # The original's effect on the card balance; the reversal applies its negative.
+        effect = {
+            Operation.ACCRUE: orig["points"] - orig["clawed_points"],
+            Operation.REDEEM: -orig["points"],
+            Operation.VOID_ACCRUAL: -orig["points"],
+            Operation.VOID_REDEMPTION: orig["points"],
+            Operation.REFUND: -orig["points"],
+        }[op]
+        moved = await self._move_card(con, card, -effect, cap=True)
+        assert moved is not None
+        applied, balance, card_account = moved
+        merchant_account = (
+            orig["redeemed_account_id"]
+            if op in (Operation.REDEEM, Operation.VOID_REDEMPTION)
+            else orig["issued_account_id"]
+        )
+        if applied < 0:
+            await self._post(con, orig["request_id"], "reversal", card_account, merchant_account, -applied)
+        else:
+            await self._post(con, orig["request_id"], "reversal", merchant_account, card_account, applied)
+        if op in (Operation.VOID_ACCRUAL, Operation.VOID_REDEMPTION):
+            await con.execute("UPDATE requests SET voided_by = NULL WHERE request_id = $1",
+                              orig["original_request_id"])
+        elif op is Operation.REFUND:
+            await con.execute(
+                "UPDATE requests SET refunded_fen = refunded_fen - $2, clawed_points = clawed_points - $3"
+                " WHERE request_id = $1", orig["original_request_id"], orig["amount_fen"], orig["points"],
+            )
+        return abs(applied), abs(effect) - abs(applied), balance
+
+
+_STEPS: dict[Operation, Callable[[Ledger, asyncpg.Connection, asyncpg.Record, Posting], Awaitable[Outcome]]] = {
+    Operation.ACCRUE: Ledger._accrue,
+    Operation.REDEEM: Ledger._redeem,
+    Operation.VOID_ACCRUAL: Ledger._void,
+    Operation.VOID_REDEMPTION: Ledger._void,
+    Operation.REFUND: Ledger._refund,
+}

@@ -1,0 +1,90 @@
+"""The routing table of PROTOCOL.md, as data.
+
+Financial messages route on MTI + first two digits of field 3 + field 25 +
+60.1; network management on MTI + 60.3 (or field 70 where 60.3 is absent).
+A reversal (0400) routes to the operation it reverses by field 3 and 60.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Op(str, Enum):
+    SIGN_ON = "sign_on"
+    SIGN_OFF = "sign_off"
+    ECHO = "echo"
+    INQUIRY = "inquiry"
+    ACCRUE = "accrue"
+    VOID_ACCRUAL = "void_accrual"
+    REFUND = "refund"
+    REDEEM = "redeem"
+    VOID_REDEMPTION = "void_redemption"
+    POINTS_TO_CARD = "points_to_card"
+    INSURANCE = "insurance"
+    SETTLEMENT = "settlement"
+    BATCH_UPLOAD = "batch_upload"
+
+
+@dataclass(frozen=True)
+class Route:
+    op: Op
+    required: tuple[str, ...]  # fields that must be present; otherwise 30
+    supported: bool = True  # named by the protocol, provided by a later version: 40
+
+
+_FIN = ("3", "11", "25", "41", "42", "60")
+_CARD = ("2",)
+
+# (MTI, F3[:2], F25, 60.1) -> route
+FINANCIAL: dict[tuple[str, str, str, str], Route] = {
+    ("0200", "31", "00", "01"): Route(Op.INQUIRY, _FIN + _CARD),
+    ("0200", "00", "00", "22"): Route(Op.ACCRUE, _FIN + _CARD + ("4",)),
+    ("0200", "20", "00", "23"): Route(Op.VOID_ACCRUAL, _FIN + _CARD + ("4", "61")),
+    ("0220", "20", "00", "25"): Route(Op.REFUND, _FIN + _CARD + ("4", "61")),
+    ("0200", "00", "00", "51"): Route(Op.REDEEM, _FIN + _CARD + ("4",)),
+    ("0200", "20", "00", "52"): Route(Op.VOID_REDEMPTION, _FIN + _CARD + ("4", "61")),
+    ("0200", "40", "00", "53"): Route(Op.POINTS_TO_CARD, _FIN + _CARD + ("4", "48"), supported=False),
+    ("0200", "50", "00", "54"): Route(Op.INSURANCE, _FIN + _CARD + ("4", "48"), supported=False),
+}
+
+# Operations a reversal may undo.
+REVERSIBLE = {Op.ACCRUE, Op.VOID_ACCRUAL, Op.REFUND, Op.REDEEM, Op.VOID_REDEMPTION}
+
+# (MTI, network management code) -> route
+NETWORK: dict[tuple[str, str], Route] = {
+    ("0800", "001"): Route(Op.SIGN_ON, ("41", "42")),
+    ("0800", "003"): Route(Op.SIGN_ON, ("41", "42")),
+    ("0800", "004"): Route(Op.SIGN_ON, ("41", "42")),
+    ("0820", "002"): Route(Op.SIGN_OFF, ("41", "42")),
+    ("0820", "301"): Route(Op.ECHO, ()),
+    ("0800", "301"): Route(Op.ECHO, ()),  # host-to-host echo (field 70 = 301)
+    ("0800", "002"): Route(Op.SIGN_OFF, ("41", "42")),
+    ("0500", "201"): Route(Op.SETTLEMENT, ("41", "42", "48"), supported=False),
+    ("0320", "201"): Route(Op.BATCH_UPLOAD, ("41", "42"), supported=False),
+    ("0320", "202"): Route(Op.BATCH_UPLOAD, ("41", "42"), supported=False),
+}
+
+REQUEST_MTIS = {"0200", "0220", "0400", "0420", "0500", "0320", "0800", "0820"}
+
+
+def response_mti(mti: str) -> str | None:
+    """The MTI that answers ``mti`` (request + 10), or None when ``mti`` is not a
+    request (a response or an unknown class cannot be answered)."""
+    if len(mti) != 4 or not mti.isdigit() or mti[2] not in "02468" or mti[3] not in "02":
+        return None
+    return mti[:2] + str(int(mti[2]) + 1) + mti[3]
+
+
+def find(fields: dict[str, str], txn_type: str, network_code: str) -> Route | None:
+    mti = fields["t"]
+    if mti in ("0800", "0820", "0500", "0320"):
+        return NETWORK.get((mti, network_code))
+    if mti in ("0400", "0420"):
+        proc2 = fields.get("3", "")[:2]
+        for (fmti, fproc, _cond, ftype), route in FINANCIAL.items():
+            if fproc == proc2 and ftype == txn_type and route.op in REVERSIBLE and fmti in ("0200", "0220"):
+                return route
+        return None
+    return FINANCIAL.get((mti, fields.get("3", "")[:2], fields.get("25", ""), txn_type))

@@ -1,0 +1,2 @@
+"""Terminals and hosts that speak the same wire as the switch (codecs only), for
+tests, demos and load."""

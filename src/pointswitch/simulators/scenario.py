@@ -1,0 +1,88 @@
+"""The demo scenario: one member, three merchants, every operation once.
+
+Speaks only the wire. Each step states what it expects; the scenario fails
+loudly when the network does not do what a member would expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .terminal import Reply, TerminalClient
+
+DEMO_CARD = "6288880000000000017"
+DEMO_MERCHANTS = [
+    # merchant id, name, earn rate (points per yuan), terminal id
+    ("M00000000000001", "Tea House", "1", "TA000001"),
+    ("M00000000000002", "Book Store", "2", "TB000001"),
+    ("M00000000000003", "Cinema", "1", "TC000001"),
+]
+
+
+@dataclass
+class Step:
+    title: str
+    reply: Reply
+    expected_rc: str
+    expected_balance: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        if self.reply.rc != self.expected_rc:
+            return False
+        return self.expected_balance is None or self.reply.points_balance == self.expected_balance
+
+
+class ScenarioFailed(AssertionError):
+    pass
+
+
+async def run_scenario(host: str, port: int, card: str = DEMO_CARD,
+                       report: Callable[[Step], None] = lambda step: None) -> list[Step]:
+    steps: list[Step] = []
+    (ma, _, _, ta), (mb, _, _, tb), (mc, _, _, tc) = DEMO_MERCHANTS
+    a = await TerminalClient(host, port, ta, ma).connect()
+    b = await TerminalClient(host, port, tb, mb).connect()
+    c = await TerminalClient(host, port, tc, mc).connect()
+
+    def check(title: str, reply: Reply, rc: str = "00", balance: int | None = None) -> Reply:
+        step = Step(title, reply, rc, balance)
+        steps.append(step)
+        report(step)
+        if not step.ok:
+            raise ScenarioFailed(
+                f"{title}: expected rc {rc} balance {balance}, got rc {reply.rc} balance {reply.points_balance}"
+            )
+        return reply
+
+    try:
+        for term in (a, b, c):
+            check(f"sign on {term.terminal_id}", await term.sign_on())
+        start = (await a.inquiry(card)).points_balance or 0
+        check("balance inquiry at Tea House", await a.inquiry(card), balance=start)
+        check("buy tea for 100.00 yuan at Tea House (1 point per yuan)",
+              await a.accrue(card, 10000), balance=start + 100)
+        check("buy books for 58.50 yuan at Book Store (2 points per yuan): one balance, the sum",
+              await b.accrue(card, 5850), balance=start + 217)
+        check("pay a 1.20 yuan cinema ticket with points at Cinema",
+              await c.redeem(card, 120), balance=start + 97)
+        extra = check("buy tea for 30.00 yuan", await a.accrue(card, 3000), balance=start + 127)
+        check("void that purchase (same batch)", await a.void(extra), balance=start + 97)
+        books = check("buy books for 40.00 yuan", await b.accrue(card, 4000), balance=start + 177)
+        check("return 10.00 yuan of the books: a quarter of 80 points clawed back",
+              await b.refund(books, 1000), balance=start + 157)
+        lost = a.request("accrue", card, 2000)
+        check("buy tea for 20.00 yuan (the terminal will say it never got the answer)",
+              await a.send(lost), balance=start + 177)
+        check("terminal reverses it (0400, reason 98)", await a.reverse(lost), balance=start + 157)
+        again = b.request("accrue", card, 500)
+        first = check("buy a 5.00 yuan bookmark", await b.send(again), balance=start + 167)
+        second = check("the terminal retransmits the same message", await b.send(again), balance=start + 167)
+        if second.rrn != first.rrn:
+            raise ScenarioFailed("the retransmission did not get the stored response")
+        check("balance inquiry: the retransmission posted once", await c.inquiry(card), balance=start + 167)
+    finally:
+        for term in (a, b, c):
+            await term.close()
+    return steps

@@ -1,0 +1,290 @@
+"""A UnionPay-style POS terminal that speaks the wire (codecs only).
+
+Several requests may be outstanding on one connection; responses are matched
+to requests by MTI and trace number (field 11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ..codecs import DecodeFailure, FrameDecoder, FramingError, dialect, framing
+from ..codecs.cup import Envelope
+from ..codecs.subfields import Field60, parse_54
+
+# 60.1 transaction types and processing codes of PROTOCOL.md
+OPS: dict[str, tuple[str, str, str]] = {
+    # name: (MTI, processing code, 60.1)
+    "inquiry": ("0200", "310000", "01"),
+    "accrue": ("0200", "000000", "22"),
+    "void_accrual": ("0200", "200000", "23"),
+    "refund": ("0220", "200000", "25"),
+    "redeem": ("0200", "000000", "51"),
+    "void_redemption": ("0200", "200000", "52"),
+}
+
+
+@dataclass
+class Reply:
+    request: dict[str, str]
+    fields: dict[str, str]
+    latency_ms: float = 0.0
+    envelope: Any = None
+
+    @property
+    def rc(self) -> str:
+        return self.fields.get("39", "")
+
+    @property
+    def approved(self) -> bool:
+        return self.rc == "00"
+
+    @property
+    def points_balance(self) -> int | None:
+        for b in parse_54(self.fields.get("54", "")):
+            if b.currency == "999":
+                return b.amount
+        return None
+
+    @property
+    def cash_value_fen(self) -> int | None:
+        for b in parse_54(self.fields.get("54", "")):
+            if b.currency == "156":
+                return b.amount
+        return None
+
+    @property
+    def points_moved(self) -> int | None:
+        value = self.fields.get("63", "").strip()
+        return int(value) if value.isdigit() else None
+
+    @property
+    def rrn(self) -> str:
+        return self.fields.get("37", "")
+
+    @property
+    def trace(self) -> str:
+        return self.request.get("11", "")
+
+
+class TerminalError(RuntimeError):
+    pass
+
+
+@dataclass
+class TerminalClient:
+    host: str
+    port: int
+    terminal_id: str
+    merchant_id: str
+    dialect_name: str = "cup"
+    framing_name: str = "binary2"
+    batch: int = 1
+    trace: int = 0
+    timeout_s: float = 10.0
+    max_frame_bytes: int = 8192
+    _reader: asyncio.StreamReader | None = None
+    _writer: asyncio.StreamWriter | None = None
+    _pending: dict[tuple[str, str], asyncio.Future[Reply]] = field(default_factory=dict)
+    _unmatched: asyncio.Queue[dict[str, str]] = field(default_factory=asyncio.Queue)
+    _reader_task: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.dialect = dialect(self.dialect_name)
+        self.framing = framing(self.framing_name)
+        self._sent: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
+
+    # -- connection -------------------------------------------------------------
+    async def connect(self) -> TerminalClient:
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), self.timeout_s
+        )
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+        return self
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            try:
+                await self._reader_task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def __aenter__(self) -> TerminalClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def closed_by_peer(self) -> bool:
+        return self._reader_task is not None and self._reader_task.done()
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        decoder = FrameDecoder(self.framing, self.max_frame_bytes)
+        try:
+            while True:
+                data = await self._reader.read(65536)
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    try:
+                        message = self.dialect.decode(frame)
+                    except DecodeFailure:
+                        continue
+                    key = (message.fields["t"], message.fields.get("11", ""))
+                    future = self._pending.pop(key, None)
+                    if future is not None and not future.done():
+                        request, sent_at = self._sent.pop(key)
+                        latency_ms = (asyncio.get_running_loop().time() - sent_at) * 1000
+                        future.set_result(Reply(request, message.fields, latency_ms, message.envelope))
+                    else:
+                        self._unmatched.put_nowait(message.fields)
+        except (ConnectionError, FramingError, OSError):
+            pass
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(TerminalError("connection closed by the switch"))
+            self._pending.clear()
+
+    # -- sending --------------------------------------------------------------
+    def next_trace(self) -> int:
+        self.trace = self.trace % 999999 + 1
+        return self.trace
+
+    def base_fields(self, mti: str, proc: str, txn_type: str, *, trace: int | None = None,
+                    network_code: str = "") -> dict[str, str]:
+        trace = self.next_trace() if trace is None else trace
+        return {
+            "t": mti,
+            "3": proc,
+            "11": f"{trace:06d}",
+            "25": "00",
+            "41": self.terminal_id.ljust(8)[:8],
+            "42": self.merchant_id.ljust(15)[:15],
+            "60": Field60(txn_type, f"{self.batch:06d}", network_code).render(),
+        }
+
+    async def send_raw(self, payload: bytes) -> None:
+        """Write bytes as they are (already framed or not): for malformed-input tests."""
+        assert self._writer is not None
+        self._writer.write(payload)
+        await self._writer.drain()
+
+    async def send(self, fields: dict[str, str], envelope: Envelope | None = None) -> Reply:
+        """Send one request and wait for the response with the same trace number."""
+        assert self._writer is not None, "connect first"
+        if self.closed_by_peer:
+            raise TerminalError("connection closed by the switch")
+        response_mti = fields["t"][:2] + str(int(fields["t"][2]) + 1) + fields["t"][3]
+        key = (response_mti, fields.get("11", ""))
+        if key in self._pending:
+            raise TerminalError(f"trace {key[1]} already outstanding on this connection")
+        payload = self.dialect.encode(fields, envelope)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
+        self._pending[key] = future
+        self._sent[key] = (dict(fields), loop.time())
+        self._writer.write(self.framing.frame(payload))
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            self._pending.pop(key, None)
+            self._sent.pop(key, None)
+            raise TerminalError(f"no response to trace {key[1]} within {self.timeout_s}s") from None
+
+    async def next_unmatched(self, timeout_s: float = 2.0) -> dict[str, str]:
+        return await asyncio.wait_for(self._unmatched.get(), timeout_s)
+
+    # -- operations -----------------------------------------------------------
+    async def sign_on(self, network_code: str = "003") -> Reply:
+        fields = self.base_fields("0800", "", "00", network_code=network_code)
+        del fields["3"], fields["25"]
+        reply = await self.send(fields)
+        if reply.approved and "60" in reply.fields:
+            self.batch = int(reply.fields["60"][2:8])
+        return reply
+
+    async def sign_off(self) -> Reply:
+        fields = self.base_fields("0820", "", "00", network_code="002")
+        del fields["3"], fields["25"]
+        return await self.send(fields)
+
+    async def echo(self) -> Reply:
+        fields = self.base_fields("0820", "", "00", network_code="301")
+        del fields["3"], fields["25"]
+        return await self.send(fields)
+
+    def request(self, op: str, card: str, amount_fen: int | None = None, **extra: str) -> dict[str, str]:
+        mti, proc, txn_type = OPS[op]
+        fields = self.base_fields(mti, proc, txn_type)
+        fields["2"] = card
+        fields["22"] = "021"
+        fields["49"] = "156"
+        if amount_fen is not None:
+            fields["4"] = f"{amount_fen:012d}"
+        fields.update(extra)
+        return fields
+
+    async def inquiry(self, card: str) -> Reply:
+        return await self.send(self.request("inquiry", card))
+
+    async def accrue(self, card: str, amount_fen: int) -> Reply:
+        return await self.send(self.request("accrue", card, amount_fen))
+
+    async def redeem(self, card: str, amount_fen: int) -> Reply:
+        return await self.send(self.request("redeem", card, amount_fen))
+
+    async def void(self, original: Reply) -> Reply:
+        """Void an accrual or a redemption of this batch, by its reply."""
+        op = "void_accrual" if original.request["60"][:2] == "22" else "void_redemption"
+        f60 = original.request["60"]
+        f61 = f60[2:8] + original.request["11"]
+        return await self.send(self.request(
+            op, original.request["2"], int(original.request["4"]), **{"37": original.rrn, "61": f61}
+        ))
+
+    async def refund(self, original: Reply, amount_fen: int) -> Reply:
+        f60 = original.request["60"]
+        date = original.fields.get("13", datetime.now().strftime("%m%d"))
+        f61 = f60[2:8] + original.request["11"] + date
+        return await self.send(self.request("refund", original.request["2"], amount_fen, **{"61": f61}))
+
+    async def reverse(self, original: dict[str, str], reason: str = "98") -> Reply:
+        """Send a reversal (0400): a copy of the original request with 39 = reason."""
+        fields = {k: v for k, v in original.items() if k not in ("52", "64")}
+        fields["t"] = "0400"
+        fields["39"] = reason
+        return await self.send(fields)
+
+
+def describe(reply: Reply) -> dict[str, Any]:
+    """A readable summary of a reply (card number masked)."""
+    card = reply.request.get("2", "")
+    return {
+        "mti": reply.fields.get("t"),
+        "rc": reply.rc,
+        "trace": reply.fields.get("11"),
+        "card": card[:6] + "*" * max(0, len(card) - 10) + card[-4:] if card else None,
+        "amount_fen": int(reply.fields["4"]) if "4" in reply.fields else None,
+        "points_moved": reply.points_moved,
+        "points_balance": reply.points_balance,
+        "cash_value_fen": reply.cash_value_fen,
+        "rrn": reply.rrn or None,
+        "auth_code": reply.fields.get("38"),
+        "batch": reply.fields.get("60", "")[2:8] or None,
+        "latency_ms": round(reply.latency_ms, 2),
+    }
+
+

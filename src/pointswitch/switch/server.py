@@ -1,0 +1,186 @@
+"""TCP listeners: one asyncio Protocol per connection, limits, graceful stop.
+
+Requests on one connection are processed concurrently and answered as they
+complete. Reading pauses while ``max_in_flight_per_connection`` requests are in
+progress (back-pressure instead of an unbounded queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+
+import structlog
+
+from ..codecs import FrameDecoder, FramingError, FramingSpec
+from ..config import Limits
+from .handler import FrameHandler
+
+log = structlog.get_logger("pointswitch.switch")
+
+
+@dataclass
+class Listener:
+    name: str
+    host: str
+    port: int
+    framing: FramingSpec
+    handler: FrameHandler
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, switch: Switch, listener: Listener):
+        self.switch = switch
+        self.listener = listener
+        self.limits = switch.limits
+        self.decoder = FrameDecoder(listener.framing, self.limits.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.in_flight = 0
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.paused = False
+        self.undecodable_in_a_row = 0
+        self._idle: asyncio.TimerHandle | None = None
+        self._frame_deadline: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
+
+    # -- asyncio.Protocol -------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else ""
+        if len(self.switch.connections) >= self.limits.max_connections:
+            log.warning("connection refused: limit reached", listener=self.listener.name, peer=self.peer,
+                        max_connections=self.limits.max_connections)
+            transport.close()
+            return
+        self.switch.connections.add(self)
+        self._touch()
+        log.debug("connection opened", listener=self.listener.name, peer=self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        self._touch()
+        try:
+            frames = self.decoder.feed(data)
+        except FramingError as exc:
+            log.warning("framing broken, closing", listener=self.listener.name, peer=self.peer, reason=str(exc))
+            self._close()
+            return
+        self._arm_frame_deadline()
+        self.backlog.extend(frames)
+        self._dispatch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.switch.connections.discard(self)
+        for timer in (self._idle, self._frame_deadline):
+            if timer:
+                timer.cancel()
+        log.debug("connection closed", listener=self.listener.name, peer=self.peer)
+
+    # -- work -----------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while self.backlog and self.in_flight < self.limits.max_in_flight_per_connection:
+            frame = self.backlog.popleft()
+            self.in_flight += 1
+            task = self.loop.create_task(self._process(frame))
+            self.switch.tasks.add(task)
+            task.add_done_callback(self.switch.tasks.discard)
+        should_pause = self.in_flight >= self.limits.max_in_flight_per_connection
+        if should_pause and not self.paused and self.transport and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.paused = True
+        elif not should_pause and self.paused and self.transport and not self.transport.is_closing():
+            self.transport.resume_reading()
+            self.paused = False
+
+    async def _process(self, frame: bytes) -> None:
+        try:
+            answer = await self.listener.handler.handle(frame, self.peer)
+            if not answer.answerable:
+                self.undecodable_in_a_row += 1
+                if self.undecodable_in_a_row >= self.limits.max_undecodable_frames:
+                    log.warning("too many unanswerable frames, closing", listener=self.listener.name,
+                                peer=self.peer, frames=self.undecodable_in_a_row)
+                    self._close()
+            else:
+                self.undecodable_in_a_row = 0
+            if answer.payload is not None and self.transport and not self.transport.is_closing():
+                self.transport.write(self.listener.framing.frame(answer.payload))
+        except Exception:
+            log.exception("unexpected failure processing a frame", listener=self.listener.name)
+        finally:
+            self.in_flight -= 1
+            self._touch()
+            self._dispatch()
+
+    # -- timers ---------------------------------------------------------------
+    def _touch(self) -> None:
+        if self._idle:
+            self._idle.cancel()
+        self._idle = self.loop.call_later(self.limits.idle_timeout_s, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.in_flight:
+            self._touch()
+            return
+        log.info("idle connection closed", listener=self.listener.name, peer=self.peer,
+                 idle_timeout_s=self.limits.idle_timeout_s)
+        self._close()
+
+    def _arm_frame_deadline(self) -> None:
+        """A frame, once started, must complete within frame_timeout_s (a slow drip
+        of bytes does not extend it)."""
+        if not self.decoder.partial:
+            if self._frame_deadline:
+                self._frame_deadline.cancel()
+                self._frame_deadline = None
+        elif self._frame_deadline is None:
+            self._frame_deadline = self.loop.call_later(self.limits.frame_timeout_s, self._on_frame_timeout)
+
+    def _on_frame_timeout(self) -> None:
+        log.warning("incomplete frame timed out, closing", listener=self.listener.name, peer=self.peer,
+                    frame_timeout_s=self.limits.frame_timeout_s)
+        self._close()
+
+    def _close(self) -> None:
+        if self.transport and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Switch:
+    def __init__(self, listeners: list[Listener], limits: Limits):
+        self.listeners = listeners
+        self.limits = limits
+        self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.servers: list[asyncio.Server] = []
+        self.bound: dict[str, tuple[str, int]] = {}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for lst in self.listeners:
+            server = await loop.create_server(
+                lambda lst=lst: Connection(self, lst), lst.host, lst.port, reuse_address=True, backlog=512
+            )
+            self.servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+            self.bound[lst.name] = (host, port)
+            log.info("listener ready", listener=lst.name, host=host, port=port,
+                     dialect=lst.handler.dialect.name, framing=lst.framing.name)
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to the grace period), close."""
+        for server in self.servers:
+            server.close()
+        pending = {t for t in self.tasks if not t.done()}
+        if pending:
+            log.info("finishing requests in flight", count=len(pending))
+            _done, still = await asyncio.wait(pending, timeout=self.limits.shutdown_grace_s)
+            if still:
+                log.warning("requests abandoned at shutdown", count=len(still))
+                for t in still:
+                    t.cancel()
+        for conn in list(self.connections):
+            conn._close()
+        await asyncio.sleep(0)
