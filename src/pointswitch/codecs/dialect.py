@@ -106,7 +106,9 @@ class Dialect:
                 partial = {k: v for k, v in exc.doc_dec.items() if k != exc.field}
                 raise DecodeFailure(exc.msg, self._valid_subset(partial), envelope, exc.field) from None
             except Exception as exc:  # pyiso8583 raises KeyError etc. for bits without a spec
-                raise DecodeFailure(f"undecodable: {type(exc).__name__}", {}, envelope) from None
+                raise DecodeFailure(
+                    f"undecodable: {type(exc).__name__}", self._mti_only(body), envelope
+                ) from None
         fields.pop("p", None)
         fields.pop("1", None)
         fields.pop("h", None)
@@ -123,6 +125,16 @@ class Dialect:
         except iso8583.EncodeError as exc:
             raise EncodeFailure(str(exc)) from None
         return self.render_envelope(envelope) + bytes(body)
+
+    def _mti_only(self, body: bytes) -> Fields:
+        """The MTI alone, when the rest cannot be read: enough to answer 30."""
+        tspec = self.spec["t"]
+        raw = body[: tspec["max_len"]]
+        try:
+            mti = raw.hex() if tspec["data_enc"] == "b" else raw.decode("ascii")
+        except UnicodeDecodeError:
+            return {}
+        return {"t": mti} if len(mti) == 4 and mti.isdigit() else {}
 
     # -- validation -------------------------------------------------------
     def _normalise(self, fields: Fields) -> None:

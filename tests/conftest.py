@@ -1,0 +1,194 @@
+"""Test harness: a real embedded PostgreSQL and the real switch on TCP.
+
+The switch runs in a background thread with its own (uv)loop for the whole
+session, exactly as ``pointswitch serve`` runs it; tests are clients on their
+own loops and talk to it over loopback sockets only, and read the database
+through their own connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from pointswitch import logs
+from pointswitch.app import running_switch
+from pointswitch.config import Config, Limits, ListenerConfig
+from pointswitch.ledger import admin
+from pointswitch.ledger.database import EmbeddedServer
+from pointswitch.simulators.terminal import TerminalClient
+
+DIALECTS = {"cup": ("cup", "binary2"), "iso87": ("iso87", "ascii4")}
+
+
+@dataclass
+class SwitchUnderTest:
+    dsn: str
+    ports: dict[str, int]
+    config: Config
+    loop: asyncio.AbstractEventLoop
+    data_dir: Path
+    embedded: EmbeddedServer
+    _stop: asyncio.Event | None = None
+    _thread: threading.Thread | None = None
+    _error: list[BaseException] = field(default_factory=list)
+
+
+def _test_config() -> Config:
+    cfg = Config()
+    cfg.listeners = [
+        ListenerConfig("cup", 0, "cup", "binary2", host="127.0.0.1"),
+        ListenerConfig("iso87", 0, "iso87", "ascii4", host="127.0.0.1"),
+    ]
+    cfg.limits = Limits(max_frame_bytes=2048, idle_timeout_s=30, frame_timeout_s=3, request_timeout_s=10,
+                        max_in_flight_per_connection=16, max_undecodable_frames=8)
+    cfg.database.pool_max_size = 12
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest]:
+    logs.configure(os.environ.get("POINTSWITCH_TEST_LOG_LEVEL", "warning"))
+    data_dir = tmp_path_factory.mktemp("pointswitch-data")
+    embedded = EmbeddedServer(data_dir)
+    dsn = embedded.start()
+    cfg = _test_config()
+    ready = threading.Event()
+    holder: dict[str, object] = {}
+
+    def run() -> None:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        holder["loop"] = loop
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            holder["stop"] = stop
+            async with running_switch(cfg, dsn) as running:
+                holder["ports"] = {name: port for name, (_h, port) in running.switch.bound.items()}
+                ready.set()
+                await stop.wait()
+
+        try:
+            loop.run_until_complete(main())
+        except BaseException as exc:  # surfaced to the test session
+            holder["error"] = exc
+            ready.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="switch", daemon=True)
+    thread.start()
+    assert ready.wait(60), "switch did not start"
+    if "error" in holder:
+        raise holder["error"]  # type: ignore[misc]
+    sut = SwitchUnderTest(dsn, holder["ports"], cfg, holder["loop"], data_dir, embedded)  # type: ignore[arg-type]
+    yield sut
+    loop: asyncio.AbstractEventLoop = holder["loop"]  # type: ignore[assignment]
+    loop.call_soon_threadsafe(holder["stop"].set)  # type: ignore[attr-defined]
+    thread.join(30)
+    embedded.stop()
+
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class Network:
+    """A merchant with terminals and cards of its own, unique to one test."""
+
+    dsn: str
+    ports: dict[str, int]
+    merchant_id: str
+    terminal_ids: list[str]
+    cards: list[str]
+    other_merchant_id: str
+
+    def terminal(self, n: int = 0, dialect: str = "cup", merchant_id: str | None = None) -> TerminalClient:
+        d, f = DIALECTS[dialect]
+        return TerminalClient("127.0.0.1", self.ports[dialect], self.terminal_ids[n],
+                              merchant_id or self.merchant_id, dialect_name=d, framing_name=f, timeout_s=15)
+
+    async def db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn)
+
+    async def balance(self, card: str) -> int:
+        con = await self.db()
+        try:
+            return int(await con.fetchval("SELECT points_balance FROM cards WHERE card_number = $1", card))
+        finally:
+            await con.close()
+
+    async def invariants(self) -> list[str]:
+        con = await self.db()
+        try:
+            return await admin.check_invariants(con)
+        finally:
+            await con.close()
+
+
+async def make_network(sut: SwitchUnderTest, *, terminals: int = 2, cards: int = 3, earn_rate: str = "1",
+                       redeem_value: str = "1") -> Network:
+    n = next(_ids)
+    merchant = f"M{n:014d}"
+    other = f"N{n:014d}"
+    con = await asyncpg.connect(sut.dsn)
+    try:
+        await admin.add_merchant(con, merchant, f"Merchant {n}", earn_rate, redeem_value=redeem_value)
+        await admin.add_merchant(con, other, f"Other {n}", "1")
+        tids = []
+        for i in range(terminals):
+            tid = f"T{n:05d}{i:02d}"
+            await admin.add_terminal(con, tid, merchant)
+            tids.append(tid)
+        card_numbers = []
+        for i in range(cards):
+            card = f"62888{n:07d}{i:04d}"
+            await admin.add_card(con, card, f"Member {n}-{i}", "13800000000")
+            card_numbers.append(card)
+    finally:
+        await con.close()
+    return Network(sut.dsn, sut.ports, merchant, tids, card_numbers, other)
+
+
+@pytest.fixture
+async def network(switch: SwitchUnderTest) -> AsyncIterator[Network]:
+    net = await make_network(switch)
+    yield net
+    assert await net.invariants() == [], "ledger invariants broken"
+
+
+@pytest.fixture
+def network_factory(switch: SwitchUnderTest):
+    """Build extra networks with other earn rates or sizes inside a test."""
+    made: list[Network] = []
+
+    async def factory(**kwargs: object) -> Network:
+        net = await make_network(switch, **kwargs)  # type: ignore[arg-type]
+        made.append(net)
+        return net
+
+    return factory
+
+
+@pytest.fixture(params=["cup", "iso87"])
+def dialect(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def network_sync(switch: SwitchUnderTest) -> Iterator[Network]:
+    """A network for synchronous (hypothesis-driven) tests, shared by a module."""
+    net = asyncio.run(make_network(switch))
+    yield net
+    assert asyncio.run(net.invariants()) == []

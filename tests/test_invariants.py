@@ -1,0 +1,248 @@
+"""Hypothesis hunts for operation sequences that break a ledger invariant.
+
+After every step the balance a response reports must equal the card's balance
+in the database; after every sequence the invariants of ARCHITECTURE.md hold:
+postings sum to zero, balances equal journal sums, no key posted twice, no
+negative balance, every approved posting request has its posting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pointswitch.ledger.service import clawback_due, earned_points
+from pointswitch.simulators.terminal import Reply, TerminalClient
+
+from .conftest import make_network
+
+OPS = ["accrue", "accrue", "accrue", "redeem", "void", "void", "refund", "reverse", "reverse",
+       "retransmit", "reverse_first", "new_batch", "inquiry"]
+
+step = st.tuples(
+    st.sampled_from(OPS),
+    st.integers(0, 1),  # terminal (0: cup, 1: iso87)
+    st.integers(0, 2),  # card
+    st.integers(0, 30000),  # amount in fen
+    st.integers(0, 1000),  # which earlier transaction
+)
+
+
+class Model:
+    """An independent reference of what the network must answer: response code and
+    card balance for every step (earn rate 1 point per yuan, 1 fen per point)."""
+
+    def __init__(self) -> None:
+        self.balance: dict[str, int] = {}
+        self.txns: dict[tuple[str, int, int], dict] = {}
+
+    @staticmethod
+    def key(req: dict[str, str]) -> tuple[str, int, int]:
+        return (req["41"].strip(), int(req["60"][2:8]), int(req["11"]))
+
+    def apply(self, op: str, req: dict[str, str]) -> str:
+        """Predict the response code of ``req`` and update the model."""
+        card = req["2"]
+        bal = self.balance.setdefault(card, 0)
+        k = self.key(req)
+        if req["t"] == "0400":
+            return self._reverse(k, op, card)
+        if k in self.txns:  # retransmission
+            t = self.txns[k]
+            return "22" if t["state"] == "placeholder" else t["rc"]
+        amount = int(req.get("4", "0"))
+        t = {"op": op, "card": card, "amount": amount, "points": 0, "state": "declined",
+             "voided": False, "reversed": False, "refunded": 0, "clawed": 0, "batch": k[1], "orig": None}
+        rc = "00"
+        if amount <= 0:
+            rc = "13"
+        elif op == "accrue":
+            t["points"] = amount // 100
+            self.balance[card] = bal + t["points"]
+        elif op == "redeem":
+            t["points"] = amount
+            if bal < amount:
+                rc = "51"
+            else:
+                self.balance[card] = bal - amount
+        elif op in ("void_accrual", "void_redemption"):
+            ok = "accrue" if op == "void_accrual" else "redeem"
+            ok_key = (k[0], int(req["61"][:6]), int(req["61"][6:12]))
+            o = self.txns.get(ok_key)
+            if o is None or o["state"] == "placeholder" or o["op"] != ok or o["card"] != card:
+                rc = "25"
+            elif o["state"] != "approved" or o["voided"] or o["reversed"] or o["batch"] != k[1] or o["refunded"]:
+                rc = "22"
+            elif o["amount"] != amount:
+                rc = "64"
+            elif op == "void_accrual" and bal < o["points"]:
+                rc = "51"
+            else:
+                t["points"] = o["points"]
+                self.balance[card] = bal + (-o["points"] if op == "void_accrual" else o["points"])
+                o["voided"] = True
+                t["orig"] = ok_key
+        elif op == "refund":
+            ok_key = (k[0], int(req["61"][:6]), int(req["61"][6:12]))
+            o = self.txns.get(ok_key)
+            if o is None or o["state"] == "placeholder" or o["op"] != "accrue" or o["card"] != card:
+                rc = "25"
+            elif o["state"] != "approved" or o["voided"] or o["reversed"]:
+                rc = "22"
+            elif amount > o["amount"] - o["refunded"]:
+                rc = "64"
+            else:
+                due = clawback_due(o["points"], o["amount"], o["refunded"] + amount, o["clawed"])
+                take = min(due, bal)
+                t["points"] = take
+                self.balance[card] = bal - take
+                o["refunded"] += amount
+                o["clawed"] += take
+                t["orig"] = ok_key
+        t["rc"] = rc
+        t["state"] = "approved" if rc == "00" else "declined"
+        self.txns[k] = t
+        return rc
+
+    def _reverse(self, k: tuple[str, int, int], op: str, card: str) -> str:
+        t = self.txns.get(k)
+        if t is None:
+            self.txns[k] = {"op": op, "card": card, "state": "placeholder", "reversed": True, "rc": "00"}
+            return "00"
+        if t["reversed"]:
+            return "00"
+        if t["op"] != op or t["card"] != card:
+            return "25"
+        t["reversed"] = True
+        if t["state"] != "approved":
+            return "00"
+        o = self.txns.get(t["orig"]) if t["orig"] else None
+        if (o is not None and o["reversed"]) or (t["op"] in ("accrue", "redeem") and t["voided"]):
+            return "00"
+        bal = self.balance[card]
+        effect = {"accrue": t["points"] - t["clawed"], "redeem": -t["points"],
+                  "void_accrual": -t["points"], "void_redemption": t["points"], "refund": -t["points"]}[t["op"]]
+        applied = -effect if -effect >= 0 else -min(effect, bal)
+        self.balance[card] = bal + applied
+        if t["op"] in ("void_accrual", "void_redemption"):
+            o["voided"] = False
+        elif t["op"] == "refund":
+            o["refunded"] -= t["amount"]
+            o["clawed"] -= t["points"]
+        return "00"
+
+
+_OP_OF_TYPE = {"22": "accrue", "51": "redeem", "23": "void_accrual", "52": "void_redemption",
+               "25": "refund", "01": "inquiry"}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(steps=st.lists(step, min_size=1, max_size=30))
+def test_random_operation_sequences_keep_the_ledger_invariants(switch, steps):
+    asyncio.run(_run(switch, steps))
+
+
+async def _run(switch, steps) -> None:
+    net = await make_network(switch)
+    terms = [net.terminal(0, "cup"), net.terminal(1, "iso87")]
+    history: list[tuple[TerminalClient, Reply]] = []
+    model = Model()
+    for t in terms:
+        await t.connect()
+    try:
+        for op, ti, ci, amount, pick in steps:
+            term, card = terms[ti], net.cards[ci]
+            # Mostly recent transactions, so chains like accrue -> void -> reverse occur often.
+            past = history[-1 - pick % min(len(history), 3)] if history else None
+            reply: Reply | None = None
+            replayed = False
+            if op == "accrue":
+                reply = await term.accrue(card, amount)
+            elif op == "redeem":
+                reply = await term.redeem(card, amount // 50)
+            elif op == "inquiry":
+                reply = await term.inquiry(card)
+            elif op == "new_batch":
+                term.batch += 1
+            elif past is None:
+                continue
+            elif op == "void":
+                owner, original = past
+                if original.request["60"][:2] in ("22", "51"):
+                    reply = await owner.void(original)
+            elif op == "refund":
+                owner, original = past
+                if original.request["60"][:2] == "22":
+                    reply = await owner.refund(original, amount % (int(original.request["4"]) + 1) or 1)
+            elif op == "reverse":
+                owner, original = past
+                reply = await owner.reverse(original.request)
+                replayed = True  # a second reversal returns the stored answer
+            elif op == "retransmit":
+                owner, original = past
+                reply = await owner.send(original.request)
+                replayed = True
+            elif op == "reverse_first":
+                request = term.request("accrue", card, amount or 1)
+                rev = await term.reverse(request)
+                assert rev.rc == model.apply("accrue", dict(request, t="0400")) == "00"
+                late = await term.send(request)
+                assert late.rc == model.apply("accrue", request) == "22", "a late original must not post"
+            if reply is None:
+                continue
+            assert reply.rc not in ("30", "96"), f"{op}: {reply.rc}"
+            kind = _OP_OF_TYPE[reply.request["60"][:2]]
+            if kind != "inquiry":
+                expected_rc = model.apply(kind, reply.request)
+                assert reply.rc == expected_rc, f"{op} {kind}: got {reply.rc}, model says {expected_rc}"
+            for c in net.cards:
+                assert await net.balance(c) == model.balance.get(c, 0), f"after {op} {kind}: balance of card differs"
+            if reply.request["t"] != "0400" and reply.fields["t"] != "0410" and not replayed:
+                history.append((term, reply))
+            if reply.approved and not replayed and reply.points_balance is not None:
+                card_of_reply = reply.request["2"]
+                assert reply.points_balance == await net.balance(card_of_reply), (
+                    f"{op}: response says {reply.points_balance}, ledger says {await net.balance(card_of_reply)}"
+                )
+    finally:
+        for t in terms:
+            await t.close()
+    assert await net.invariants() == []
+    con = await net.db()
+    try:
+        twice = await con.fetchval(
+            "SELECT count(*) FROM (SELECT request_id, reason FROM postings GROUP BY 1, 2 HAVING count(*) > 1) x")
+        negative = await con.fetchval("SELECT count(*) FROM cards WHERE points_balance < 0")
+    finally:
+        await con.close()
+    assert twice == 0
+    assert negative == 0
+
+
+@given(amount=st.integers(0, 10**12), rate_hundredths=st.integers(0, 100000))
+def test_earned_points_is_floor_of_amount_times_rate_over_100(amount, rate_hundredths):
+    from decimal import Decimal
+
+    rate = Decimal(rate_hundredths) / 100
+    points = earned_points(amount, rate)
+    assert points * 10000 <= amount * rate_hundredths < (points + 1) * 10000
+
+
+@given(points=st.integers(0, 10**6), amount=st.integers(1, 10**8), data=st.data())
+def test_cumulative_clawback_never_exceeds_the_points_earned(points, amount, data):
+    refunds = data.draw(st.lists(st.integers(1, amount), max_size=6))
+    refunded, clawed = 0, 0
+    for r in refunds:
+        if refunded + r > amount:
+            continue
+        refunded += r
+        due = clawback_due(points, amount, refunded, clawed)
+        assert due >= 0
+        clawed += due
+        # rounded in the network's favour: at least the exact pro-rata share
+        assert clawed * amount >= points * refunded
+        assert clawed <= points
+    if refunded == amount:
+        assert clawed == points
