@@ -115,7 +115,9 @@ class Dialect:
         self._normalise(fields)
         bad = self._first_invalid(fields)
         if bad is not None:
-            raise DecodeFailure(f"field {bad} has characters its format forbids", self._valid_subset(fields), envelope, bad)
+            raise DecodeFailure(
+                f"field {bad} has characters its format forbids", self._valid_subset(fields), envelope, bad
+            )
         return Message(fields, envelope)
 
     def encode(self, fields: Mapping[str, str], envelope: Any = None) -> bytes:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     """Why a command was approved or declined, in domain words.
 
     ``routing`` maps each to an ISO response code."""
@@ -29,7 +29,7 @@ class Status(str, Enum):
     ALREADY_REVERSED = "already_reversed"
 
 
-class Operation(str, Enum):
+class Operation(StrEnum):
     ACCRUE = "accrue"
     REDEEM = "redeem"
     VOID_ACCRUAL = "void_accrual"

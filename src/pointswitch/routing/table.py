@@ -8,10 +8,10 @@ A reversal (0400) routes to the operation it reverses by field 3 and 60.1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Op(str, Enum):
+class Op(StrEnum):
     SIGN_ON = "sign_on"
     SIGN_OFF = "sign_off"
     ECHO = "echo"

@@ -14,8 +14,7 @@ import structlog
 
 from ..codecs import DecodeFailure, Dialect, EncodeFailure
 from ..logs import mask_pan
-from ..routing import Response, Router, error_response
-from ..routing import codes
+from ..routing import Response, Router, codes, error_response
 
 log = structlog.get_logger("pointswitch.switch")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 from dataclasses import dataclass
 
 import structlog
@@ -161,7 +162,7 @@ class Switch:
         loop = asyncio.get_running_loop()
         for lst in self.listeners:
             server = await loop.create_server(
-                lambda lst=lst: Connection(self, lst), lst.host, lst.port, reuse_address=True, backlog=512
+                functools.partial(Connection, self, lst), lst.host, lst.port, reuse_address=True, backlog=512
             )
             self.servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
@@ -173,14 +174,19 @@ class Switch:
         """Stop accepting, let requests in flight finish (up to the grace period), close."""
         for server in self.servers:
             server.close()
-        pending = {t for t in self.tasks if not t.done()}
-        if pending:
-            log.info("finishing requests in flight", count=len(pending))
-            _done, still = await asyncio.wait(pending, timeout=self.limits.shutdown_grace_s)
-            if still:
-                log.warning("requests abandoned at shutdown", count=len(still))
-                for t in still:
+        # Requests already on open connections keep arriving for a moment after
+        # the signal; wait for all of them, new ones included, up to the grace period.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.shutdown_grace_s
+        while pending := {t for t in self.tasks if not t.done()}:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("requests abandoned at shutdown", count=len(pending))
+                for t in pending:
                     t.cancel()
+                break
+            log.info("finishing requests in flight", count=len(pending))
+            await asyncio.wait(pending, timeout=remaining)
         for conn in list(self.connections):
             conn._close()
         await asyncio.sleep(0)

@@ -1,0 +1,202 @@
+"""The operator interface as an operator uses it: processes, files, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pointswitch import config as config_mod
+from pointswitch.simulators.terminal import TerminalClient
+
+PS = [sys.executable, "-m", "pointswitch"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*PS, *args], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+class Server:
+    def __init__(self, tmp: Path, *, dsn: str | None, data_dir: Path | None = None, log_level: str = "info"):
+        self.cup, self.iso = _free_port(), _free_port()
+        self.config = tmp / "pointswitch.toml"
+        self.config.write_text(
+            f'[[listener]]\nname = "cup"\nport = {self.cup}\nhost = "127.0.0.1"\ndialect = "cup"\n'
+            f'framing = "binary2"\n\n'
+            f'[[listener]]\nname = "iso87"\nport = {self.iso}\nhost = "127.0.0.1"\ndialect = "iso87"\n'
+            f'framing = "ascii4"\n\n[limits]\nshutdown_grace_s = 10\n'
+        )
+        self.stderr_path = tmp / f"serve-{self.cup}.log"
+        args = [*PS, "serve", "--config", str(self.config), "--log-level", log_level]
+        if dsn:
+            args += ["--dsn", dsn]
+        env = dict(os.environ)
+        if data_dir:
+            env["POINTSWITCH_DATA_DIR"] = str(data_dir)
+        self.stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
+        self.events: list[dict] = []
+
+    def wait_ready(self, timeout_s: float = 60) -> list[dict]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"serve exited: {self.stderr_path.read_text()}"
+            ready = [e for e in self.read_events() if e.get("event") == "listener ready"]
+            if len(ready) == 2:
+                return ready
+            time.sleep(0.1)
+        raise AssertionError("listeners not ready: " + self.stderr_path.read_text())
+
+    def read_events(self) -> list[dict]:
+        out = []
+        for line in self.stderr_path.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(30)
+        self.stderr.close()
+        return code
+
+
+def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, tmp_path):
+    server = Server(tmp_path, dsn=switch.dsn)
+    try:
+        ready = server.wait_ready()
+        expected = [("cup", server.cup), ("iso87", server.iso)]
+        assert sorted((e["listener"], e["port"]) for e in ready) == sorted(expected)
+        db = ["--dsn", switch.dsn]
+        _cli("admin", "merchant", "add", "MCLI00000000001", "--name", "Tea House", "--earn-rate", "2", *db)
+        _cli("admin", "terminal", "add", "TCLI0001", "--merchant", "MCLI00000000001", *db)
+        _cli("admin", "card", "add", "6288881111222233334", "--name", "Li Lei", "--phone", "13800000000",
+             "--pin", "246810", *db)
+        sim = ["--port", str(server.cup), "--terminal", "TCLI0001", "--merchant", "MCLI00000000001", "--json"]
+        env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+        signed = json.loads(_cli("sim", "terminal", "sign-on", *sim, env=env).stdout)
+        earned = json.loads(_cli("sim", "terminal", "accrue", *sim, "--card", "6288881111222233334",
+                                 "--amount", "12.50", env=env).stdout)
+        reversed_ = json.loads(_cli("sim", "terminal", "reverse", *sim, "--trace", earned["trace"], env=env).stdout)
+        card = json.loads(_cli("admin", "card", "show", "6288881111222233334", "--json", *db).stdout)
+        merchants = json.loads(_cli("admin", "merchant", "list", "--json", *db).stdout)
+        terminals = json.loads(_cli("admin", "terminal", "list", "--merchant", "MCLI00000000001", "--json",
+                                    *db).stdout)
+        blocked = json.loads(_cli("admin", "card", "block", "6288881111222233334", "--json", *db).stdout)
+        declined = _cli("sim", "terminal", "accrue", *sim, "--card", "6288881111222233334", "--amount", "1",
+                        env=env, check=False)
+        check = _cli("admin", "check", "--json", *db)
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert signed["rc"] == "00"
+    assert (earned["rc"], earned["points_moved"], earned["points_balance"]) == ("00", 25, 25)
+    assert (reversed_["rc"], reversed_["points_balance"]) == ("00", 0)
+    assert card["points_balance"] == 0
+    assert [p["points"] for p in card["postings"]] == [-25, 25]
+    assert card["has_pin"] is True and "pin" not in json.dumps(card).replace("has_pin", "")
+    assert any(m["merchant_id"] == "MCLI00000000001" and m["earn_rate_points_per_yuan"] == "2" for m in merchants)
+    assert terminals[0]["terminal_id"] == "TCLI0001" and terminals[0]["signed_on_at"]
+    assert blocked["status"] == "blocked"
+    assert declined.returncode == 1 and json.loads(declined.stdout)["rc"] == "62"
+    assert json.loads(check.stdout) == {"ok": True, "problems": []}
+    logged = server.stderr_path.read_text()
+    assert "6288881111222233334" not in logged, "card numbers must be masked in logs"
+    assert "628888*********3334" in logged
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_0(switch, tmp_path):
+    server = Server(tmp_path, dsn=switch.dsn)
+    server.wait_ready()
+    db = ["--dsn", switch.dsn]
+    _cli("admin", "merchant", "add", "MSIG00000000001", "--name", "Shop", "--earn-rate", "1", *db)
+    _cli("admin", "terminal", "add", "TSIG0001", "--merchant", "MSIG00000000001", *db)
+    _cli("admin", "card", "add", "6288882222333344445", "--name", "Han Meimei", *db)
+
+    async def burst() -> list[str]:
+        async with TerminalClient("127.0.0.1", server.cup, "TSIG0001", "MSIG00000000001") as term:
+            pending = [asyncio.ensure_future(term.accrue("6288882222333344445", 100)) for _ in range(30)]
+            await asyncio.sleep(0.01)
+            server.proc.send_signal(signal.SIGTERM)
+            replies = await asyncio.gather(*pending, return_exceptions=True)
+        return [r.rc if hasattr(r, "rc") else repr(r) for r in replies]
+
+    codes = asyncio.run(burst())
+    assert server.stop() == 0
+    answered = [c for c in codes if c == "00"]
+    assert answered == ["00"] * 30, f"requests sent before SIGTERM must be answered: {codes}"
+    card = json.loads(_cli("admin", "card", "show", "6288882222333344445", "--json", *db).stdout)
+    assert card["points_balance"] == len(answered), "every answered request posted, nothing else"
+    events = [e["event"] for e in server.read_events()]
+    assert "stopped" in events
+
+
+def test_embedded_database_persists_across_restarts(tmp_path):
+    data = tmp_path / "data"
+    env = {"POINTSWITCH_DATA_DIR": str(data)}
+    server = Server(tmp_path, dsn=None, data_dir=data)
+    try:
+        server.wait_ready()
+        _cli("admin", "merchant", "add", "MPER00000000001", "--name", "Keep", "--earn-rate", "1", env=env)
+    finally:
+        assert server.stop() == 0
+    again = Server(tmp_path, dsn=None, data_dir=data)
+    try:
+        again.wait_ready()
+        listed = json.loads(_cli("admin", "merchant", "list", "--json", env=env).stdout)
+    finally:
+        assert again.stop() == 0
+    assert [m["merchant_id"] for m in listed] == ["MPER00000000001"]
+
+
+def test_demo_runs_the_scenario_and_the_invariants_hold(tmp_path):
+    result = _cli("demo", "--data-dir", str(tmp_path / "demo"))
+    assert "ledger invariants hold" in result.stdout
+    assert "FAIL" not in result.stdout
+    assert "6288880000000000017" not in result.stdout + result.stderr
+
+
+def test_config_file_and_environment(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[listener]]\nname = "a"\nport = 7000\ndialect = "iso87"\nframing = "ascii4"\n'
+                    '[limits]\nmax_connections = 5\n[database]\ndsn = "postgresql://file/db"\n')
+    cfg = config_mod.load(path, env={"POINTSWITCH_LIMITS_MAX_CONNECTIONS": "7",
+                                     "POINTSWITCH_DSN": "postgresql://env/db"})
+    assert [(lc.name, lc.port, lc.dialect) for lc in cfg.listeners] == [("a", 7000, "iso87")]
+    assert cfg.limits.max_connections == 7
+    assert cfg.database.dsn == "postgresql://env/db"
+    defaults = config_mod.load(None, env={})
+    assert [(lc.port, lc.dialect, lc.framing) for lc in defaults.listeners] == [
+        (5000, "cup", "binary2"), (5001, "iso87", "ascii4")]
+    for bad in ('[limits]\nmax_conections = 5\n', '[[listener]]\nname = "x"\nport = 1\ndialect = "x25"\n',
+                '[limits]\nmax_connections = "many"\n'):
+        path.write_text(bad)
+        with pytest.raises(config_mod.ConfigError):
+            config_mod.load(path, env={})
+
+
+def test_a_bad_config_file_is_refused_with_a_clear_message(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[limits]\nmax_conections = 5\n")
+    result = _cli("serve", "--config", str(path), check=False)
+    assert result.returncode != 0
+    assert "max_conections" in result.stderr
