@@ -9,6 +9,7 @@ through their own connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import threading
@@ -20,11 +21,14 @@ import asyncpg
 import pytest
 
 from pointswitch import logs
-from pointswitch.app import running_switch
+from pointswitch.app import resolve_vault, running_switch
 from pointswitch.config import Config, Limits, ListenerConfig
 from pointswitch.ledger import admin
 from pointswitch.ledger.database import EmbeddedServer
+from pointswitch.ledger.vault import Vault
 from pointswitch.simulators.terminal import TerminalClient
+
+TEST_PIN = "123456"
 
 DIALECTS = {"cup": ("cup", "binary2"), "iso87": ("iso87", "ascii4")}
 
@@ -37,6 +41,8 @@ class SwitchUnderTest:
     loop: asyncio.AbstractEventLoop
     data_dir: Path
     embedded: EmbeddedServer
+    vault: Vault
+    master_key_hex: str
     _stop: asyncio.Event | None = None
     _thread: threading.Thread | None = None
     _error: list[BaseException] = field(default_factory=list)
@@ -61,6 +67,9 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
     embedded = EmbeddedServer(data_dir)
     dsn = embedded.start()
     cfg = _test_config()
+    cfg.database.data_dir = str(data_dir)
+    vault = resolve_vault(cfg, embedded=True, env={})
+    master_key_hex = (data_dir / "master.key").read_text().strip()
     ready = threading.Event()
     holder: dict[str, object] = {}
 
@@ -74,7 +83,7 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
         async def main() -> None:
             stop = asyncio.Event()
             holder["stop"] = stop
-            async with running_switch(cfg, dsn) as running:
+            async with running_switch(cfg, dsn, vault) as running:
                 holder["ports"] = {name: port for name, (_h, port) in running.switch.bound.items()}
                 ready.set()
                 await stop.wait()
@@ -92,7 +101,8 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
     assert ready.wait(60), "switch did not start"
     if "error" in holder:
         raise holder["error"]  # type: ignore[misc]
-    sut = SwitchUnderTest(dsn, holder["ports"], cfg, holder["loop"], data_dir, embedded)  # type: ignore[arg-type]
+    sut = SwitchUnderTest(dsn, holder["ports"], cfg, holder["loop"], data_dir, embedded,  # type: ignore[arg-type]
+                          vault, master_key_hex)
     yield sut
     loop: asyncio.AbstractEventLoop = holder["loop"]  # type: ignore[assignment]
     loop.call_soon_threadsafe(holder["stop"].set)  # type: ignore[attr-defined]
@@ -101,6 +111,11 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
 
 
 _ids = itertools.count(1)
+
+
+@functools.cache
+def _test_pin_hash() -> str:
+    return admin.hash_pin(TEST_PIN)
 
 
 @dataclass
@@ -113,11 +128,17 @@ class Network:
     terminal_ids: list[str]
     cards: list[str]
     other_merchant_id: str
+    tmks: dict[str, bytes]
+    vault: Vault
 
-    def terminal(self, n: int = 0, dialect: str = "cup", merchant_id: str | None = None) -> TerminalClient:
+    def terminal(self, n: int = 0, dialect: str = "cup", merchant_id: str | None = None, *,
+                 sign_on: bool = True) -> TerminalClient:
+        """A terminal loaded with its master key; signs on when it connects unless told not to."""
         d, f = DIALECTS[dialect]
-        return TerminalClient("127.0.0.1", self.ports[dialect], self.terminal_ids[n],
-                              merchant_id or self.merchant_id, dialect_name=d, framing_name=f, timeout_s=15)
+        tid = self.terminal_ids[n]
+        return TerminalClient("127.0.0.1", self.ports[dialect], tid, merchant_id or self.merchant_id,
+                              dialect_name=d, framing_name=f, timeout_s=15, tmk=self.tmks[tid],
+                              default_pin=TEST_PIN, sign_on_at_connect=sign_on)
 
     async def db(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.dsn)
@@ -146,19 +167,24 @@ async def make_network(sut: SwitchUnderTest, *, terminals: int = 2, cards: int =
     try:
         await admin.add_merchant(con, merchant, f"Merchant {n}", earn_rate, redeem_value=redeem_value)
         await admin.add_merchant(con, other, f"Other {n}", "1")
-        tids = []
+        tids, tmks = [], {}
         for i in range(terminals):
             tid = f"T{n:05d}{i:02d}"
-            await admin.add_terminal(con, tid, merchant)
+            added = await admin.add_terminal(con, sut.vault, tid, merchant)
+            tmks[tid] = bytes.fromhex(added["tmk"])
             tids.append(tid)
         card_numbers = []
         for i in range(cards):
             card = f"62888{n:07d}{i:04d}"
             await admin.add_card(con, card, f"Member {n}-{i}", "13800000000")
             card_numbers.append(card)
+        # One real scrypt hash shared by the test cards: hashing per card would
+        # dominate the hypothesis tests that build a network per example.
+        await con.execute("UPDATE cards SET pin_hash = $2 WHERE card_number = ANY($1::text[])",
+                          card_numbers, _test_pin_hash())
     finally:
         await con.close()
-    return Network(sut.dsn, sut.ports, merchant, tids, card_numbers, other)
+    return Network(sut.dsn, sut.ports, merchant, tids, card_numbers, other, tmks, sut.vault)
 
 
 @pytest.fixture

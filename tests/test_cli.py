@@ -35,7 +35,8 @@ def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> s
 
 
 class Server:
-    def __init__(self, tmp: Path, *, dsn: str | None, data_dir: Path | None = None, log_level: str = "info"):
+    def __init__(self, tmp: Path, *, dsn: str | None, data_dir: Path | None = None, log_level: str = "info",
+                 env: dict[str, str] | None = None):
         self.cup, self.iso = _free_port(), _free_port()
         self.config = tmp / "pointswitch.toml"
         self.config.write_text(
@@ -48,7 +49,7 @@ class Server:
         args = [*PS, "serve", "--config", str(self.config), "--log-level", log_level]
         if dsn:
             args += ["--dsn", dsn]
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         if data_dir:
             env["POINTSWITCH_DATA_DIR"] = str(data_dir)
         self.stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
@@ -80,31 +81,39 @@ class Server:
         return code
 
 
-def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, tmp_path):
-    server = Server(tmp_path, dsn=switch.dsn)
+@pytest.fixture
+def key_env(switch) -> dict[str, str]:
+    """The operator's master key, as an operator of an external database supplies it."""
+    return {"POINTSWITCH_MASTER_KEY": switch.master_key_hex}
+
+
+def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, tmp_path, key_env):
+    server = Server(tmp_path, dsn=switch.dsn, env=key_env)
     try:
         ready = server.wait_ready()
         expected = [("cup", server.cup), ("iso87", server.iso)]
         assert sorted((e["listener"], e["port"]) for e in ready) == sorted(expected)
         db = ["--dsn", switch.dsn]
-        _cli("admin", "merchant", "add", "MCLI00000000001", "--name", "Tea House", "--earn-rate", "2", *db)
-        _cli("admin", "terminal", "add", "TCLI0001", "--merchant", "MCLI00000000001", *db)
+        _cli("admin", "merchant", "add", "MCLI00000000001", "--name", "Tea House", "--earn-rate", "2", *db,
+             env=key_env)
+        added = json.loads(_cli("admin", "terminal", "add", "TCLI0001", "--merchant", "MCLI00000000001",
+                                "--json", *db, env=key_env).stdout)
         _cli("admin", "card", "add", "6288881111222233334", "--name", "Li Lei", "--phone", "13800000000",
-             "--pin", "246810", *db)
+             "--pin", "246810", *db, env=key_env)
         sim = ["--port", str(server.cup), "--terminal", "TCLI0001", "--merchant", "MCLI00000000001", "--json"]
-        env = {"XDG_STATE_HOME": str(tmp_path / "state")}
-        signed = json.loads(_cli("sim", "terminal", "sign-on", *sim, env=env).stdout)
+        env = {"XDG_STATE_HOME": str(tmp_path / "state"), **key_env}
+        signed = json.loads(_cli("sim", "terminal", "sign-on", *sim, "--tmk", added["tmk"], env=env).stdout)
         earned = json.loads(_cli("sim", "terminal", "accrue", *sim, "--card", "6288881111222233334",
                                  "--amount", "12.50", env=env).stdout)
         reversed_ = json.loads(_cli("sim", "terminal", "reverse", *sim, "--trace", earned["trace"], env=env).stdout)
-        card = json.loads(_cli("admin", "card", "show", "6288881111222233334", "--json", *db).stdout)
-        merchants = json.loads(_cli("admin", "merchant", "list", "--json", *db).stdout)
+        card = json.loads(_cli("admin", "card", "show", "6288881111222233334", "--json", *db, env=env).stdout)
+        merchants = json.loads(_cli("admin", "merchant", "list", "--json", *db, env=env).stdout)
         terminals = json.loads(_cli("admin", "terminal", "list", "--merchant", "MCLI00000000001", "--json",
-                                    *db).stdout)
-        blocked = json.loads(_cli("admin", "card", "block", "6288881111222233334", "--json", *db).stdout)
+                                    *db, env=env).stdout)
+        blocked = json.loads(_cli("admin", "card", "block", "6288881111222233334", "--json", *db, env=env).stdout)
         declined = _cli("sim", "terminal", "accrue", *sim, "--card", "6288881111222233334", "--amount", "1",
                         env=env, check=False)
-        check = _cli("admin", "check", "--json", *db)
+        check = _cli("admin", "check", "--json", *db, env=env)
     finally:
         code = server.stop()
     assert code == 0
@@ -113,7 +122,8 @@ def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, 
     assert (reversed_["rc"], reversed_["points_balance"]) == ("00", 0)
     assert card["points_balance"] == 0
     assert [p["points"] for p in card["postings"]] == [-25, 25]
-    assert card["has_pin"] is True and "pin" not in json.dumps(card).replace("has_pin", "")
+    assert card["has_pin"] is True
+    assert "246810" not in json.dumps(card) and "scrypt" not in json.dumps(card), "no PIN or PIN hash shown"
     assert any(m["merchant_id"] == "MCLI00000000001" and m["earn_rate_points_per_yuan"] == "2" for m in merchants)
     assert terminals[0]["terminal_id"] == "TCLI0001" and terminals[0]["signed_on_at"]
     assert blocked["status"] == "blocked"
@@ -124,16 +134,18 @@ def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, 
     assert "628888*********3334" in logged
 
 
-def test_sigterm_finishes_requests_in_flight_and_exits_0(switch, tmp_path):
-    server = Server(tmp_path, dsn=switch.dsn)
+def test_sigterm_finishes_requests_in_flight_and_exits_0(switch, tmp_path, key_env):
+    server = Server(tmp_path, dsn=switch.dsn, env=key_env)
     server.wait_ready()
     db = ["--dsn", switch.dsn]
-    _cli("admin", "merchant", "add", "MSIG00000000001", "--name", "Shop", "--earn-rate", "1", *db)
-    _cli("admin", "terminal", "add", "TSIG0001", "--merchant", "MSIG00000000001", *db)
-    _cli("admin", "card", "add", "6288882222333344445", "--name", "Han Meimei", *db)
+    _cli("admin", "merchant", "add", "MSIG00000000001", "--name", "Shop", "--earn-rate", "1", *db, env=key_env)
+    added = json.loads(_cli("admin", "terminal", "add", "TSIG0001", "--merchant", "MSIG00000000001", "--json",
+                            *db, env=key_env).stdout)
+    _cli("admin", "card", "add", "6288882222333344445", "--name", "Han Meimei", *db, env=key_env)
 
     async def burst() -> list[str]:
-        async with TerminalClient("127.0.0.1", server.cup, "TSIG0001", "MSIG00000000001") as term:
+        async with TerminalClient("127.0.0.1", server.cup, "TSIG0001", "MSIG00000000001",
+                                  tmk=bytes.fromhex(added["tmk"]), sign_on_at_connect=True) as term:
             pending = [asyncio.ensure_future(term.accrue("6288882222333344445", 100)) for _ in range(30)]
             await asyncio.sleep(0.01)
             server.proc.send_signal(signal.SIGTERM)
@@ -144,7 +156,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(switch, tmp_path):
     assert server.stop() == 0
     answered = [c for c in codes if c == "00"]
     assert answered == ["00"] * 30, f"requests sent before SIGTERM must be answered: {codes}"
-    card = json.loads(_cli("admin", "card", "show", "6288882222333344445", "--json", *db).stdout)
+    card = json.loads(_cli("admin", "card", "show", "6288882222333344445", "--json", *db, env=key_env).stdout)
     assert card["points_balance"] == len(answered), "every answered request posted, nothing else"
     events = [e["event"] for e in server.read_events()]
     assert "stopped" in events

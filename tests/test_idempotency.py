@@ -44,9 +44,11 @@ async def test_same_key_with_different_content_is_declined_94(network, dialect):
 
 async def test_simultaneous_retransmissions_on_several_connections_post_once(network):
     card = network.cards[0]
-    terms = [network.terminal(0) for _ in range(5)]
+    terms = [network.terminal(0, sign_on=i == 0) for i in range(5)]
     for t in terms:
         await t.connect()
+    for t in terms[1:]:  # one terminal, one session, several connections
+        t.pik, t.mak = terms[0].pik, terms[0].mak
     try:
         request = terms[0].request("accrue", card, 10000)
         replies = await asyncio.gather(*(t.send(request) for t in terms))

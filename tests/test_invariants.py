@@ -158,6 +158,7 @@ async def _run(switch, steps) -> None:
             past = history[-1 - pick % min(len(history), 3)] if history else None
             reply: Reply | None = None
             replayed = False
+            sender = term
             if op == "accrue":
                 reply = await term.accrue(card, amount)
             elif op == "redeem":
@@ -169,20 +170,20 @@ async def _run(switch, steps) -> None:
             elif past is None:
                 continue
             elif op == "void":
-                owner, original = past
+                sender, original = past
                 if original.request["60"][:2] in ("22", "51"):
-                    reply = await owner.void(original)
+                    reply = await sender.void(original)
             elif op == "refund":
-                owner, original = past
+                sender, original = past
                 if original.request["60"][:2] == "22":
-                    reply = await owner.refund(original, amount % (int(original.request["4"]) + 1) or 1)
+                    reply = await sender.refund(original, amount % (int(original.request["4"]) + 1) or 1)
             elif op == "reverse":
-                owner, original = past
-                reply = await owner.reverse(original.request)
+                sender, original = past
+                reply = await sender.reverse(original.request)
                 replayed = True  # a second reversal returns the stored answer
             elif op == "retransmit":
-                owner, original = past
-                reply = await owner.send(original.request)
+                sender, original = past
+                reply = await sender.send(original.request)
                 replayed = True
             elif op == "reverse_first":
                 request = term.request("accrue", card, amount or 1)
@@ -200,7 +201,7 @@ async def _run(switch, steps) -> None:
             for c in net.cards:
                 assert await net.balance(c) == model.balance.get(c, 0), f"after {op} {kind}: balance of card differs"
             if reply.request["t"] != "0400" and reply.fields["t"] != "0410" and not replayed:
-                history.append((term, reply))
+                history.append((sender, reply))
             if reply.approved and not replayed and reply.points_balance is not None:
                 card_of_reply = reply.request["2"]
                 assert reply.points_balance == await net.balance(card_of_reply), (

@@ -181,7 +181,7 @@ async def test_connection_limit_and_idle_timeout(switch, network):
     cfg = dataclasses.replace(switch.config)
     cfg.listeners = [ListenerConfig("cup", 0, "cup", "binary2", host="127.0.0.1")]
     cfg.limits = dataclasses.replace(switch.config.limits, max_connections=2, idle_timeout_s=0.5)
-    async with running_switch(cfg, switch.dsn) as running:
+    async with running_switch(cfg, switch.dsn, switch.vault) as running:
         port = running.switch.bound["cup"][1]
         clients = [TerminalClient("127.0.0.1", port, network.terminal_ids[0], network.merchant_id)
                    for _ in range(3)]

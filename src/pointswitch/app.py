@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import structlog
 
 from .codecs import dialect, framing
-from .config import Config
+from .config import Config, ConfigError, ListenerConfig
 from .ledger import Ledger
 from .ledger.database import EmbeddedServer, create_pool, migrate
-from .routing import Router
+from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
+from .routing import Router, Security
 from .switch import FrameHandler, Listener, Switch
 
 log = structlog.get_logger("pointswitch")
@@ -39,8 +42,43 @@ def resolve_dsn(config: Config) -> tuple[str, EmbeddedServer | None]:
     return dsn, embedded
 
 
+def resolve_vault(config: Config, *, embedded: bool, env: dict[str, str] | None = None) -> Vault:
+    """The operator's master key: POINTSWITCH_MASTER_KEY, else [security] master_key_file;
+    on the embedded database with neither, one generated into the data folder. An
+    external database with no master key is refused."""
+    env = dict(os.environ) if env is None else env
+    if env.get("POINTSWITCH_MASTER_KEY"):
+        return Vault(parse_master_key(env["POINTSWITCH_MASTER_KEY"]))
+    if config.security.master_key_file:
+        return Vault(read_key_file(Path(config.security.master_key_file).expanduser()))
+    if not embedded:
+        raise VaultError(
+            "an external database needs the operator's master key: set POINTSWITCH_MASTER_KEY (hex)"
+            " or [security] master_key_file"
+        )
+    path = config.data_dir / "master.key"
+    if path.exists():
+        return Vault(read_key_file(path))
+    key = generate_key_file(path)
+    log.warning("generated a master key for the embedded database; production needs its own",
+                path=str(path))
+    return Vault(key)
+
+
+def listener_security(lc: ListenerConfig) -> Security:
+    mac_key = None
+    if lc.mac_method == "x919":
+        try:
+            mac_key = bytes.fromhex(Path(lc.mac_key_file).expanduser().read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"listener {lc.name}: mac_key_file: {exc}") from None
+        if len(mac_key) != 16:
+            raise ConfigError(f"listener {lc.name}: an X9.19 MAC key is 16 bytes (32 hex digits)")
+    return Security(mac=lc.mac_method, mac_key=mac_key, require_sign_on=lc.require_sign_on)
+
+
 @contextlib.asynccontextmanager
-async def database(config: Config, dsn: str) -> AsyncIterator[asyncpg.Pool]:
+async def database(config: Config, dsn: str, vault: Vault | None = None) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(
         dsn,
         min_size=config.database.pool_min_size,
@@ -50,6 +88,8 @@ async def database(config: Config, dsn: str) -> AsyncIterator[asyncpg.Pool]:
     try:
         async with pool.acquire() as con:
             applied = await migrate(con)
+            if vault is not None:
+                await vault.check_database(con)
         if applied:
             log.info("migrations applied", migrations=applied)
         yield pool
@@ -69,14 +109,16 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_switch(config: Config, dsn: str) -> AsyncIterator[Running]:
-    async with database(config, dsn) as pool:
-        ledger = Ledger(pool)
+async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterator[Running]:
+    securities = {lc.name: listener_security(lc) for lc in config.listeners}
+    async with database(config, dsn, vault) as pool:
+        ledger = Ledger(pool, vault, max_pin_tries=config.security.max_pin_tries)
         router = Router(ledger)
         listeners = [
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
-                handler=FrameHandler(lc.name, dialect(lc.dialect), router, config.limits.request_timeout_s),
+                handler=FrameHandler(lc.name, dialect(lc.dialect), router, config.limits.request_timeout_s,
+                                     securities[lc.name]),
             )
             for lc in config.listeners
         ]
@@ -88,13 +130,13 @@ async def running_switch(config: Config, dsn: str) -> AsyncIterator[Running]:
             await switch.stop()
 
 
-async def serve(config: Config, dsn: str) -> None:
+async def serve(config: Config, dsn: str, vault: Vault) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with running_switch(config, dsn):
+    async with running_switch(config, dsn, vault):
         log.info("switch running", listeners=len(config.listeners))
         await stop.wait()
         log.info("stopping: no new connections, finishing requests in flight")

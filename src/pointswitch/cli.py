@@ -59,15 +59,33 @@ def _yuan_to_fen(text: str) -> int:
 
 
 # -- serve / migrate ------------------------------------------------------------
+def _vault(cfg: config_mod.Config, embedded: bool) -> Any:
+    from .app import resolve_vault
+    from .ledger.vault import VaultError
+
+    try:
+        return resolve_vault(cfg, embedded=embedded)
+    except VaultError as exc:
+        sys.exit(f"pointswitch: {exc}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import install_uvloop, resolve_dsn, serve
+    from .ledger.vault import VaultError
 
     cfg = _config(args)
     logs.configure(cfg.log_level)
+    if not cfg.database.dsn:
+        _vault(cfg, True)  # refuse before starting anything when the key is unusable
+    else:
+        _vault(cfg, False)
     dsn, embedded = resolve_dsn(cfg)
+    vault = _vault(cfg, embedded is not None)
     install_uvloop()
     try:
-        asyncio.run(serve(cfg, dsn))
+        asyncio.run(serve(cfg, dsn, vault))
+    except (VaultError, config_mod.ConfigError) as exc:
+        sys.exit(f"pointswitch: {exc}")
     finally:
         if embedded:
             embedded.stop()
@@ -94,22 +112,26 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_db(args: argparse.Namespace, fn: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Run ``fn(connection)`` against the configured database (migrated)."""
+def _with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    """Run ``fn(connection, vault)`` against the configured database (migrated)."""
     from .app import database, resolve_dsn
     from .ledger.admin import AdminError
+    from .ledger.vault import VaultError
 
     cfg = _config(args)
     logs.configure("warning")
+    if cfg.database.dsn:
+        _vault(cfg, False)
     dsn, embedded = resolve_dsn(cfg)
+    vault = _vault(cfg, embedded is not None)
 
     async def run() -> Any:
-        async with database(cfg, dsn) as pool, pool.acquire() as con:
-            return await fn(con)
+        async with database(cfg, dsn, vault) as pool, pool.acquire() as con:
+            return await fn(con, vault)
 
     try:
         return asyncio.run(run())
-    except AdminError as exc:
+    except (AdminError, VaultError) as exc:
         sys.exit(f"pointswitch: {exc}")
     finally:
         if embedded:
@@ -122,43 +144,60 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
     what, action = args.what, args.action
     if what == "merchant" and action == "add":
-        result = _with_db(args, lambda c: admin.add_merchant(
+        result = _with_db(args, lambda c, v: admin.add_merchant(
             c, args.merchant_id, args.name, args.earn_rate, args.issue_price, args.redeem_value))
     elif what == "merchant" and action == "list":
-        result = _with_db(args, admin.list_merchants)
+        result = _with_db(args, lambda c, v: admin.list_merchants(c))
     elif what == "terminal" and action == "add":
-        result = _with_db(args, lambda c: admin.add_terminal(c, args.terminal_id, args.merchant, args.status))
+        result = _with_db(args, lambda c, v: admin.add_terminal(
+            c, v, args.terminal_id, args.merchant, args.status, args.tmk))
+    elif what == "terminal" and action == "rekey":
+        result = _with_db(args, lambda c, v: admin.rekey_terminal(c, v, args.terminal_id, args.tmk))
     elif what == "terminal" and action == "list":
-        result = _with_db(args, lambda c: admin.list_terminals(c, merchant_id=args.merchant))
+        result = _with_db(args, lambda c, v: admin.list_terminals(c, merchant_id=args.merchant))
     elif what == "terminal" and action in ("disable", "enable"):
         status = "disabled" if action == "disable" else "active"
-        result = _with_db(args, lambda c: admin.set_terminal_status(c, args.terminal_id, status))
+        result = _with_db(args, lambda c, v: admin.set_terminal_status(c, args.terminal_id, status))
     elif what == "card" and action == "add":
-        result = _with_db(args, lambda c: admin.add_card(
+        result = _with_db(args, lambda c, v: admin.add_card(
             c, args.card_number, args.name, args.phone, args.pin, args.status))
     elif what == "card" and action in ("block", "unblock"):
         status = "blocked" if action == "block" else "active"
-        result = _with_db(args, lambda c: admin.set_card_status(c, args.card_number, status))
+        result = _with_db(args, lambda c, v: admin.set_card_status(c, args.card_number, status))
+    elif what == "card" and action == "set-pin":
+        result = _with_db(args, lambda c, v: admin.set_pin(c, args.card_number, args.pin))
+    elif what == "card" and action == "unlock-pin":
+        result = _with_db(args, lambda c, v: admin.unlock_pin(c, args.card_number))
     elif what == "card" and action == "show":
-        result = _with_db(args, lambda c: admin.show_card(c, args.card_number, args.postings))
+        result = _with_db(args, lambda c, v: admin.show_card(c, args.card_number, args.postings))
     elif what == "check":
-        problems = _with_db(args, admin.check_invariants)
+        problems = _with_db(args, lambda c, v: admin.check_invariants(c))
         _print({"ok": not problems, "problems": problems}, args.json,
                lambda d: "all ledger invariants hold" if d["ok"] else "\n".join(d["problems"]))
         return 0 if not problems else 1
     elif what == "seed":
-        result = _with_db(args, lambda c: _seed(c, args))
+        result = _with_db(args, lambda c, v: _seed(c, v, args))
     else:  # pragma: no cover - argparse prevents it
         return EXIT_USAGE
+    if isinstance(result, dict) and "tmk" in result and not args.json:
+        print(f"terminal master key {result['tmk']}  check value {result['tmk_check_value']}")
+        print("  (shown once: load it into the terminal now; it is stored only sealed under the master key)")
+        result = {k: v for k, v in result.items() if k not in ("tmk",)}
     _print(result, args.json)
     return 0
 
 
-async def _seed(con: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """A merchant, N terminals and N cards for load tests (idempotent)."""
+async def _seed(con: Any, vault: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """A merchant, N terminals and N cards for load tests (idempotent). All load
+    terminals share one master key and all load cards one PIN hash: load-test data only."""
+    import secrets
+
+    from .codecs import crypto
     from .ledger import admin
     from .simulators.load import card_number, terminal_id
 
+    tmk_hex = (args.tmk or secrets.token_hex(16)).upper()
+    pin_hash = admin.hash_pin(args.pin)
     try:
         await admin.add_merchant(con, args.merchant, "Load Test Merchant", args.earn_rate)
     except admin.AdminError:
@@ -167,7 +206,9 @@ async def _seed(con: Any, args: argparse.Namespace) -> dict[str, Any]:
     for n in range(1, args.terminals + 1):
         tid = terminal_id(args.terminal_prefix, n)
         if tid not in existing:
-            await admin.add_terminal(con, tid, args.merchant)
+            await admin.add_terminal(con, vault, tid, args.merchant, tmk_hex=tmk_hex)
+        else:
+            await admin.rekey_terminal(con, vault, tid, tmk_hex)
     # Cards in one statement each batch: seeding 100k cards should take seconds.
     first = int(args.first_card)
     async with con.transaction():
@@ -175,12 +216,15 @@ async def _seed(con: Any, args: argparse.Namespace) -> dict[str, Any]:
             "INSERT INTO accounts (kind, owner) SELECT 'card', ($1::bigint + g)::text"
             " FROM generate_series(0, $2 - 1) g ON CONFLICT DO NOTHING", first, args.cards)
         await con.execute(
-            "INSERT INTO cards (card_number, holder_name, account_id, points_balance)"
-            " SELECT a.owner, 'Load ' || a.owner, a.account_id, 0 FROM accounts a"
-            " WHERE a.kind = 'card' AND a.owner::bigint BETWEEN $1::bigint AND $1::bigint + $2 - 1"
-            " AND a.owner ~ '^[0-9]+$' ON CONFLICT DO NOTHING", first, args.cards)
+            "INSERT INTO cards (card_number, holder_name, account_id, points_balance, pin_hash)"
+            " SELECT a.owner, 'Load ' || a.owner, a.account_id, 0, $3 FROM accounts a"
+            " WHERE a.kind = 'card' AND a.owner ~ '^[0-9]+$'"
+            " AND a.owner::numeric BETWEEN $1::bigint AND $1::bigint + $2 - 1"
+            " ON CONFLICT (card_number) DO UPDATE SET pin_hash = EXCLUDED.pin_hash, pin_failures = 0,"
+            " pin_locked = false", first, args.cards, pin_hash)
     return {"merchant_id": args.merchant, "terminals": args.terminals, "cards": args.cards,
-            "first_card": card_number(first, 0), "terminal_prefix": args.terminal_prefix}
+            "first_card": card_number(first, 0), "terminal_prefix": args.terminal_prefix,
+            "tmk": tmk_hex, "tmk_check_value": crypto.check_value(bytes.fromhex(tmk_hex)).hex().upper()}
 
 
 # -- demo ---------------------------------------------------------------------------
@@ -188,7 +232,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .app import install_uvloop, resolve_dsn, running_switch
     from .config import ListenerConfig
     from .ledger import admin
-    from .simulators.scenario import DEMO_CARD, DEMO_MERCHANTS, ScenarioFailed, Step, run_scenario
+    from .simulators.scenario import DEMO_CARD, DEMO_MERCHANTS, DEMO_PIN, ScenarioFailed, Step, run_scenario
     from .simulators.terminal import describe
 
     data_dir = Path(args.data_dir or "var/demo")
@@ -202,6 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logs.configure(args.log_level or "warning")
     print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
     dsn, embedded = resolve_dsn(cfg)
+    vault = _vault(cfg, True)  # the demo's own master key, generated into its data folder
     install_uvloop()
 
     last_balance: list[int] = []
@@ -219,17 +264,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {mark} rc {d['rc']}  {moved}  {shown:<13} {step.title}", flush=True)
 
     async def run() -> int:
-        async with running_switch(cfg, dsn) as running:
+        async with running_switch(cfg, dsn, vault) as running:
+            tmks: dict[str, bytes] = {}
             async with running.pool.acquire() as con:
                 for mid, name, rate, tid in DEMO_MERCHANTS:
                     await admin.add_merchant(con, mid, name, rate)
-                    await admin.add_terminal(con, tid, mid)
-                await admin.add_card(con, DEMO_CARD, "Li Lei", "13800000000", "246810")
+                    added = await admin.add_terminal(con, vault, tid, mid)
+                    tmks[tid] = bytes.fromhex(added["tmk"])  # "loaded into the terminal"
+                await admin.add_card(con, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
             host, port = running.address("cup")
             print(f"switch listening: cup on {host}:{port}, iso87 on {running.address('iso87')[1]}")
             print(f"demo network: {len(DEMO_MERCHANTS)} merchants, card {DEMO_CARD[:6]}*********{DEMO_CARD[-4:]}\n")
             try:
-                await run_scenario(host, port, DEMO_CARD, report=show)
+                await run_scenario(host, port, tmks, DEMO_CARD, report=show)
             except ScenarioFailed as exc:
                 print(f"\nscenario failed: {exc}")
                 return 1
@@ -267,22 +314,32 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
     if state_file.exists():
         state = json.loads(state_file.read_text())
 
+    if args.tmk:
+        state["tmk"] = args.tmk.upper()  # "loading the master key into the terminal"
+
+    def key(name: str) -> bytes | None:
+        return bytes.fromhex(state[name]) if state.get(name) else None
+
     async def run() -> Any:
         client = TerminalClient(args.host, args.port, args.terminal, args.merchant,
                                 dialect_name=args.dialect, framing_name=args.framing,
-                                batch=state["batch"], trace=state["trace"], timeout_s=args.timeout)
+                                batch=state["batch"], trace=state["trace"], timeout_s=args.timeout,
+                                tmk=key("tmk"), default_pin=args.pin, pik=key("pik"), mak=key("mak"),
+                                tdk=key("tdk"))
         async with client:
             op = args.op
             if op == "sign-on":
-                reply = await client.sign_on()
+                reply = await client.sign_on(args.key_scheme)
             elif op == "sign-off":
                 reply = await client.sign_off()
             elif op == "echo":
                 reply = await client.echo()
             elif op == "inquiry":
                 reply = await client.inquiry(args.card)
-            elif op in ("accrue", "redeem"):
-                reply = await getattr(client, op)(args.card, args.amount)
+            elif op == "accrue":
+                reply = await client.accrue(args.card, args.amount, tamper=args.tamper)
+            elif op == "redeem":
+                reply = await client.send(client.request("redeem", args.card, args.amount), tamper=args.tamper)
             else:
                 original = state["history"].get(f"{int(args.trace):06d}")
                 if original is None:
@@ -297,8 +354,14 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
                 else:
                     reply = await client.reverse(orig.request)
             state["trace"], state["batch"] = client.trace, client.batch
+            if op == "sign-off":
+                client.pik = client.mak = client.tdk = None
+            for name in ("pik", "mak", "tdk"):  # the terminal's working keys, kept like its secure memory
+                value = getattr(client, name)
+                state[name] = value.hex().upper() if value else None
             if reply.request.get("t") in ("0200", "0220"):
-                state["history"][reply.request["11"]] = {"request": reply.request, "reply": reply.fields}
+                request = {k: v for k, v in reply.request.items() if k not in ("52", "64")}
+                state["history"][reply.request["11"]] = {"request": request, "reply": reply.fields}
                 while len(state["history"]) > 200:
                     state["history"].pop(next(iter(state["history"])))
             return describe(reply)
@@ -308,7 +371,9 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
     except (TerminalError, OSError) as exc:
         sys.exit(f"pointswitch: {exc}")
     state_file.parent.mkdir(parents=True, exist_ok=True)
-    state_file.write_text(json.dumps(state))
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the terminal's keys
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state))
     _print(result, args.json, lambda d: "\n".join(f"{k:<15} {v}" for k, v in d.items() if v is not None))
     return 0 if result["rc"] == "00" else 1
 
@@ -329,6 +394,7 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
         duration_s=None if args.count else args.duration, count=args.count,
         first_card=int(args.first_card), cards=args.cards, mix=mix, dialect=args.dialect,
         framing=args.framing, seed=args.seed,
+        tmk=bytes.fromhex(args.tmk) if args.tmk else None, pin=args.pin,
     )
     install_uvloop()
     report = asyncio.run(run_load(plan, progress=None if args.json else sys.stderr))
@@ -385,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("terminal_id")
     sp.add_argument("--merchant", required=True)
     sp.add_argument("--status", default="active", choices=["active", "disabled"])
+    sp.add_argument("--tmk", help="import this terminal master key (32 hex digits) instead of generating one")
+    sp = admin_cmd(t, "rekey", "replace a terminal's master key (it must sign on again)")
+    sp.add_argument("terminal_id")
+    sp.add_argument("--tmk", help="the new master key (32 hex digits); default: generate one")
     sp = admin_cmd(t, "list", "list terminals")
     sp.add_argument("--merchant")
     for action in ("disable", "enable"):
@@ -399,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--status", default="active", choices=["active", "blocked"])
     for action in ("block", "unblock"):
         admin_cmd(c, action, f"{action} a card").add_argument("card_number")
+    sp = admin_cmd(c, "set-pin", "set a card's PIN (clears failed tries and a PIN lock)")
+    sp.add_argument("card_number")
+    sp.add_argument("--pin", required=True)
+    admin_cmd(c, "unlock-pin", "unlock a card locked after too many wrong PINs").add_argument("card_number")
     sp = admin_cmd(c, "show", "a card's balance and postings")
     sp.add_argument("card_number")
     sp.add_argument("--postings", type=int, default=50, help="how many recent postings")
@@ -413,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--terminal-prefix", default="L")
     sp.add_argument("--cards", type=int, default=1000)
     sp.add_argument("--first-card", default="6288990000000000")
+    sp.add_argument("--tmk", help="master key for all load terminals (default: generated and printed)")
+    sp.add_argument("--pin", default="123456", help="PIN of all load cards")
 
     sim = sub.add_parser("sim", help="simulators").add_subparsers(dest="sim", required=True)
     st = sim.add_parser("terminal", help="a UnionPay-style POS terminal")
@@ -427,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--card", help="card number (field 2)")
     st.add_argument("--amount", type=_yuan_to_fen, help="amount in yuan, e.g. 12.50")
     st.add_argument("--trace", help="trace of the original (void, refund, reverse)")
+    st.add_argument("--tmk", help="load this terminal master key (32 hex digits); kept in the terminal's state")
+    st.add_argument("--pin", help="the member's PIN, typed on the PIN pad (inquiry, redeem)")
+    st.add_argument("--key-scheme", default="003", choices=["001", "003", "004"], help="sign-on 60.3")
+    st.add_argument("--tamper", action="store_true",
+                    help="change one byte of the message after its MAC was computed (shows the A0 path)")
     st.add_argument("--timeout", type=float, default=10.0)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_sim_terminal)
@@ -446,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--first-card", default="6288990000000000")
     sl.add_argument("--mix", default="accrue=80,inquiry=10,redeem=10")
     sl.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
+    sl.add_argument("--tmk", help="master key of the load terminals (from admin seed)")
+    sl.add_argument("--pin", default="123456", help="PIN of the load cards")
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=cmd_sim_load)
     return p

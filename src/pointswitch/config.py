@@ -15,8 +15,9 @@ Every limit is a named setting with a default (see docs/operator.md)::
     max_connections = 1024
 
 Environment: POINTSWITCH_CONFIG (file), POINTSWITCH_DSN, POINTSWITCH_DATA_DIR,
-POINTSWITCH_LOG_LEVEL, and POINTSWITCH_LIMITS_<NAME> / POINTSWITCH_DATABASE_<NAME>
-for any single setting of those sections.
+POINTSWITCH_LOG_LEVEL, POINTSWITCH_MASTER_KEY (hex), and POINTSWITCH_LIMITS_<NAME>,
+POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME> for any single setting of
+those sections.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ class ListenerConfig:
     dialect: str = "cup"
     framing: str = "binary2"
     host: str = "0.0.0.0"
+    # MAC on financial messages: "ecb" (terminal MAK; the cup default), "x919" (with
+    # mac_key_file, agreed at configuration time) or "off" (the iso87 default).
+    mac: str = ""
+    mac_key_file: str = ""
+    require_sign_on: bool = True
+
+    @property
+    def mac_method(self) -> str:
+        return self.mac or ("ecb" if self.dialect == "cup" else "off")
 
     def validate(self) -> None:
         if self.dialect not in DIALECTS:
@@ -51,6 +61,12 @@ class ListenerConfig:
             raise ConfigError(f"listener {self.name}: unknown framing {self.framing!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"listener {self.name}: port {self.port} out of range")
+        if self.mac_method not in ("ecb", "x919", "off"):
+            raise ConfigError(f"listener {self.name}: mac is ecb, x919 or off")
+        if self.mac_method == "x919" and not self.mac_key_file:
+            raise ConfigError(f"listener {self.name}: mac = x919 needs mac_key_file")
+        if self.mac_method == "ecb" and not self.require_sign_on:
+            raise ConfigError(f"listener {self.name}: mac = ecb uses the terminal's MAK and needs sign-on")
 
 
 @dataclass
@@ -74,6 +90,12 @@ class DatabaseConfig:
     command_timeout_s: float = 10.0
 
 
+@dataclass
+class SecurityConfig:
+    master_key_file: str = ""  # hex master key; or POINTSWITCH_MASTER_KEY; embedded default: generated
+    max_pin_tries: int = 3  # wrong PINs in a row before the card is locked for PIN use
+
+
 DEFAULT_LISTENERS = [
     ListenerConfig(name="cup", port=5000, dialect="cup", framing="binary2"),
     ListenerConfig(name="iso87", port=5001, dialect="iso87", framing="ascii4"),
@@ -85,6 +107,7 @@ class Config:
     listeners: list[ListenerConfig] = field(default_factory=lambda: [dataclasses.replace(x) for x in DEFAULT_LISTENERS])
     limits: Limits = field(default_factory=Limits)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     log_level: str = "info"
 
     @property
@@ -97,6 +120,12 @@ class Config:
 
 
 def _coerce(kind: Any, value: Any, what: str) -> Any:
+    if str(kind) == "bool":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{what}: {value!r} is not true or false")
     target = {"int": int, "float": float, "str": str, "str | None": str}.get(str(kind), None)
     if target is None:
         return value
@@ -126,7 +155,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
-    unknown = set(raw) - {"listener", "limits", "database", "log_level"}
+    unknown = set(raw) - {"listener", "limits", "database", "security", "log_level"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -138,11 +167,13 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
                 raise ConfigError(f"[[listener]]: {exc}") from None
     _apply(config.limits, raw.get("limits", {}), "limits")
     _apply(config.database, raw.get("database", {}), "database")
+    _apply(config.security, raw.get("security", {}), "security")
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
     # Environment overrides the file.
     prefix_sections = {"POINTSWITCH_LIMITS_": ("limits", config.limits),
-                       "POINTSWITCH_DATABASE_": ("database", config.database)}
+                       "POINTSWITCH_DATABASE_": ("database", config.database),
+                       "POINTSWITCH_SECURITY_": ("security", config.security)}
     for name, value in env.items():
         for prefix, (section, obj) in prefix_sections.items():
             if name.startswith(prefix):

@@ -23,7 +23,9 @@ def mask_pan(value: str) -> str:
 
 def _mask(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
-        if key in _SECRET_KEYS:
+        if key == "exception" and isinstance(value, str):
+            event[key] = mask_pan(value)
+        elif key in _SECRET_KEYS:
             event[key] = "[redacted]"
         elif isinstance(value, str) and (key in _PAN_KEYS or len(value) >= 12):
             event[key] = mask_pan(value)
@@ -45,6 +47,7 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,  # before masking: tracebacks are masked too
             _mask,
             renderer,
         ],

@@ -4,7 +4,7 @@
 ``framing(name)`` gives a length framing (``binary2`` or ``ascii4``).
 """
 
-from . import cup, iso87
+from . import crypto, cup, iso87
 from .dialect import DecodeFailure, Dialect, EncodeFailure, Fields, Message
 from .framing import FrameDecoder, FramingError, FramingSpec, framing
 
@@ -28,6 +28,7 @@ __all__ = [
     "FramingError",
     "FramingSpec",
     "Message",
+    "crypto",
     "dialect",
     "framing",
 ]

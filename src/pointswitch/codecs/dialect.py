@@ -36,7 +36,7 @@ class FieldDef:
 
 _VALID: dict[str, re.Pattern[str]] = {
     "n": re.compile(r"[0-9]*"),
-    "z": re.compile(r"[0-9D=]*"),
+    "z": re.compile(r"[0-9A-F=]*"),  # track data: digits, separator D or =, hex when encrypted
     "an": re.compile(r"[0-9A-Za-z ]*"),
     "ans": re.compile(r"[\x20-\x7e]*"),
     "b": re.compile(r"[0-9A-F]*"),
@@ -67,6 +67,9 @@ class EncodeFailure(ValueError):
 class Message:
     fields: Fields
     envelope: Any = None
+    # The bytes a MAC covers: from the MTI up to (not including) field 64, when
+    # field 64 is present and is the message's last field; otherwise None.
+    mac_data: bytes | None = None
 
     @property
     def mti(self) -> str:
@@ -87,6 +90,11 @@ class Dialect:
     # fields (PROTOCOL: accept F as pad on input); tried field by field.
     f_pad_spec: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_field_number: int = 128
+    mac_len: int = 8  # bytes field 64 takes on the wire
+
+    def render_mac(self, mac: bytes) -> bytes:
+        """Field 64 as it travels: raw bytes, or hex text where binary travels as hex."""
+        return mac if self.spec["64"]["data_enc"] == "b" else mac.hex().upper().encode("ascii")
 
     def decode(self, frame: bytes) -> Message:
         if len(frame) < self.envelope_len:
@@ -115,18 +123,31 @@ class Dialect:
         self._normalise(fields)
         bad = self._first_invalid(fields)
         if bad is not None:
-            raise DecodeFailure(
-                f"field {bad} has characters its format forbids", self._valid_subset(fields), envelope, bad
-            )
-        return Message(fields, envelope)
+            reason = f"field {bad} has characters its format forbids"
+            raise DecodeFailure(reason, self._valid_subset(fields), envelope, bad)
+        mac_data = None
+        if "64" in fields and all(int(k) <= 64 for k in fields if k.isdigit()):
+            mac_data = body[: len(body) - self.mac_len]
+        return Message(fields, envelope, mac_data)
 
-    def encode(self, fields: Mapping[str, str], envelope: Any = None) -> bytes:
+    def encode(self, fields: Mapping[str, str], envelope: Any = None,
+               sign: Callable[[bytes], bytes] | None = None) -> bytes:
+        """Encode a message; with ``sign``, field 64 carries ``sign(bytes from the MTI
+        up to field 64)`` (the bitmap already has bit 64 set)."""
         doc = dict(fields)
+        if sign is not None:
+            doc["64"] = "00" * 8
         try:
-            body, _ = iso8583.encode(doc, self.spec)
+            encoded, _ = iso8583.encode(doc, self.spec)
         except iso8583.EncodeError as exc:
             raise EncodeFailure(str(exc)) from None
-        return self.render_envelope(envelope) + bytes(body)
+        body = bytes(encoded)
+        if sign is not None:
+            if any(k.isdigit() and int(k) > 64 for k in doc):
+                raise EncodeFailure("a MAC in field 64 cannot cover fields above 64")
+            data = body[: len(body) - self.mac_len]
+            body = data + self.render_mac(sign(data))
+        return self.render_envelope(envelope) + body
 
     def _mti_only(self, body: bytes) -> Fields:
         """The MTI alone, when the rest cannot be read: enough to answer 30."""

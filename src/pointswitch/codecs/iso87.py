@@ -54,4 +54,4 @@ def _spec_for(fdef: FieldDef) -> dict[str, Any]:
 SPEC: dict[str, dict[str, Any]] = copy.deepcopy(dict(default_ascii))
 SPEC.update({str(n): _spec_for(f) for n, f in FIELDS.items()})
 
-DIALECT = Dialect(name="iso87", field_defs=FIELDS, spec=SPEC, max_field_number=128)
+DIALECT = Dialect(name="iso87", field_defs=FIELDS, spec=SPEC, max_field_number=128, mac_len=16)

@@ -128,3 +128,53 @@ def parse_48_totals(value: str) -> SettlementTotals:
     if len(value) != 62:
         raise ValueError("settlement totals are 62 digits")
     return SettlementTotals(_parse_block(value[:31]), _parse_block(value[31:]))
+
+
+# -- field 62: working keys in a sign-on response ---------------------------------------
+# 60.3 -> (PIK length, MAK length, TDK length) in bytes. Each key travels encrypted
+# under the terminal master key, followed by its 4-byte check value.
+#   001: PIK(8)  + check(4) + MAK(8) + check(4)                               24 bytes
+#   003: PIK(16) + check(4) + MAK(8) + 8 zero bytes + check(4)                40 bytes
+#   004: as 003, then TDK(16) + check(4)                                      60 bytes
+KEY_LAYOUTS = {"001": (8, 8, 0), "003": (16, 8, 0), "004": (16, 8, 16)}
+
+
+@dataclass(frozen=True)
+class KeyBlock:
+    under_tmk: bytes
+    check_value: bytes
+
+
+def render_62(network_code: str, pik: KeyBlock, mak: KeyBlock, tdk: KeyBlock | None = None) -> bytes:
+    _pik_len, mak_len, tdk_len = KEY_LAYOUTS[network_code]
+    out = pik.under_tmk + pik.check_value + mak.under_tmk
+    if network_code != "001":
+        out += bytes(8)  # MAK is single-length; the slot is double-length
+    out += mak.check_value
+    if tdk_len:
+        if tdk is None:
+            raise ValueError("scheme 004 carries a track data key")
+        out += tdk.under_tmk + tdk.check_value
+    return out
+
+
+def parse_62(network_code: str, data: bytes) -> tuple[KeyBlock, KeyBlock, KeyBlock | None]:
+    pik_len, mak_len, tdk_len = KEY_LAYOUTS[network_code]
+    expected = pik_len + 4 + mak_len + (0 if network_code == "001" else 8) + 4 + (tdk_len + 4 if tdk_len else 0)
+    if len(data) != expected:
+        raise ValueError(f"field 62 for {network_code} is {expected} bytes, not {len(data)}")
+    i = 0
+
+    def take(n: int) -> bytes:
+        nonlocal i
+        chunk = data[i : i + n]
+        i += n
+        return chunk
+
+    pik = KeyBlock(take(pik_len), take(4))
+    mak_key = take(mak_len)
+    if network_code != "001":
+        take(8)
+    mak = KeyBlock(mak_key, take(4))
+    tdk = KeyBlock(take(tdk_len), take(4)) if tdk_len else None
+    return pik, mak, tdk

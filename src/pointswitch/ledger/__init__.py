@@ -6,21 +6,31 @@ field number. Every operation enters through :meth:`Ledger.execute`.
 
 from .model import (
     Command,
+    GetSession,
     Inquire,
+    KeyExchange,
+    KeyScheme,
     Operation,
     OriginalRef,
     Outcome,
     Posting,
     RequestKey,
     Reverse,
+    Session,
     SignOff,
     SignOn,
     Status,
+    WrappedKey,
 )
 from .service import Ledger
 
 __all__ = [
     "Command",
+    "GetSession",
+    "KeyExchange",
+    "KeyScheme",
+    "Session",
+    "WrappedKey",
     "Inquire",
     "Ledger",
     "Operation",

@@ -15,6 +15,9 @@ from typing import Any
 
 import asyncpg
 
+from ..codecs import crypto
+from .vault import Vault
+
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
 
@@ -114,22 +117,58 @@ async def list_merchants(con: asyncpg.Connection) -> list[dict[str, Any]]:
     return [_merchant(r) for r in await con.fetch(_MERCHANTS + " ORDER BY m.merchant_id")]
 
 
-async def add_terminal(con: asyncpg.Connection, terminal_id: str, merchant_id: str,
-                       status: str = "active") -> dict[str, Any]:
+def _tmk(tmk_hex: str | None) -> bytes:
+    if tmk_hex is None:
+        return crypto.generate_key(16)
+    try:
+        tmk = bytes.fromhex(tmk_hex)
+    except ValueError:
+        raise AdminError("a terminal master key is 32 hex digits") from None
+    if len(tmk) != 16:
+        raise AdminError("a terminal master key is 16 bytes (32 hex digits), double-length 3DES")
+    return tmk
+
+
+def _with_key(terminal: dict[str, Any], tmk: bytes) -> dict[str, Any]:
+    """The terminal as listed, plus its master key in clear: shown once, to load the terminal."""
+    return {**terminal, "tmk": tmk.hex().upper(), "tmk_check_value": crypto.check_value(tmk).hex().upper()}
+
+
+async def add_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str, merchant_id: str,
+                       status: str = "active", tmk_hex: str | None = None) -> dict[str, Any]:
+    """Register a terminal with a master key (generated, or imported from hex)."""
     if not re.fullmatch(r"[\x21-\x7e]{1,8}", terminal_id):
         raise AdminError("a terminal id is 1 to 8 printable characters (field 41)")
     if status not in ("active", "disabled"):
         raise AdminError("terminal status is active or disabled")
+    tmk = _tmk(tmk_hex)
     try:
         await con.execute(
-            "INSERT INTO terminals (terminal_id, merchant_id, status) VALUES ($1, $2, $3)",
-            terminal_id, merchant_id, status,
+            "INSERT INTO terminals (terminal_id, merchant_id, status, tmk_sealed, tmk_kcv)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            terminal_id, merchant_id, status, vault.seal(tmk, f"tmk:{terminal_id}"),
+            crypto.check_value(tmk).hex().upper(),
         )
     except asyncpg.UniqueViolationError:
         raise AdminError(f"terminal {terminal_id} exists") from None
     except asyncpg.ForeignKeyViolationError:
         raise AdminError(f"no merchant {merchant_id}") from None
-    return (await list_terminals(con, terminal_id=terminal_id))[0]
+    return _with_key((await list_terminals(con, terminal_id=terminal_id))[0], tmk)
+
+
+async def rekey_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str,
+                         tmk_hex: str | None = None) -> dict[str, Any]:
+    """Replace a terminal's master key. Its working keys die with the old one: it
+    must be loaded with the new key and sign on again."""
+    tmk = _tmk(tmk_hex)
+    done = await con.execute(
+        "UPDATE terminals SET tmk_sealed = $2, tmk_kcv = $3, session_state = 'none',"
+        " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
+        terminal_id, vault.seal(tmk, f"tmk:{terminal_id}"), crypto.check_value(tmk).hex().upper(),
+    )
+    if done.endswith(" 0"):
+        raise AdminError(f"no terminal {terminal_id}")
+    return _with_key((await list_terminals(con, terminal_id=terminal_id))[0], tmk)
 
 
 async def set_terminal_status(con: asyncpg.Connection, terminal_id: str, status: str) -> dict[str, Any]:
@@ -144,8 +183,8 @@ async def set_terminal_status(con: asyncpg.Connection, terminal_id: str, status:
 async def list_terminals(con: asyncpg.Connection, *, merchant_id: str | None = None,
                          terminal_id: str | None = None) -> list[dict[str, Any]]:
     rows = await con.fetch(
-        "SELECT terminal_id, merchant_id, status, current_batch, signed_on_at, signed_off_at"
-        " FROM terminals WHERE ($1::text IS NULL OR merchant_id = $1)"
+        "SELECT terminal_id, merchant_id, status, current_batch, signed_on_at, signed_off_at,"
+        " session_state, key_scheme, tmk_kcv FROM terminals WHERE ($1::text IS NULL OR merchant_id = $1)"
         " AND ($2::text IS NULL OR terminal_id = $2) ORDER BY terminal_id",
         merchant_id, terminal_id,
     )
@@ -157,6 +196,8 @@ async def list_terminals(con: asyncpg.Connection, *, merchant_id: str | None = N
             "current_batch": r["current_batch"],
             "signed_on_at": r["signed_on_at"].isoformat() if r["signed_on_at"] else None,
             "signed_off_at": r["signed_off_at"].isoformat() if r["signed_off_at"] else None,
+            "session": r["session_state"],
+            "tmk_check_value": r["tmk_kcv"],
         }
         for r in rows
     ]
@@ -198,10 +239,32 @@ async def set_card_status(con: asyncpg.Connection, card_number: str, status: str
     return await show_card(con, card_number, postings_limit=0)
 
 
+async def set_pin(con: asyncpg.Connection, card_number: str, pin: str) -> dict[str, Any]:
+    """Set a card's PIN (stored as a salted scrypt hash); clears failed tries and a PIN lock."""
+    pin_hash = hash_pin(pin)
+    done = await con.execute(
+        "UPDATE cards SET pin_hash = $2, pin_failures = 0, pin_locked = false, updated_at = now()"
+        " WHERE card_number = $1", card_number, pin_hash,
+    )
+    if done.endswith(" 0"):
+        raise AdminError(f"no card {mask_card(card_number)}")
+    return await show_card(con, card_number, postings_limit=0)
+
+
+async def unlock_pin(con: asyncpg.Connection, card_number: str) -> dict[str, Any]:
+    done = await con.execute(
+        "UPDATE cards SET pin_failures = 0, pin_locked = false, updated_at = now() WHERE card_number = $1",
+        card_number,
+    )
+    if done.endswith(" 0"):
+        raise AdminError(f"no card {mask_card(card_number)}")
+    return await show_card(con, card_number, postings_limit=0)
+
+
 async def show_card(con: asyncpg.Connection, card_number: str, postings_limit: int = 50) -> dict[str, Any]:
     card = await con.fetchrow(
         "SELECT card_number, holder_name, phone, status, points_balance, account_id,"
-        " pin_hash IS NOT NULL AS has_pin, created_at FROM cards WHERE card_number = $1",
+        " pin_hash IS NOT NULL AS has_pin, pin_failures, pin_locked, created_at FROM cards WHERE card_number = $1",
         card_number,
     )
     if card is None:
@@ -220,6 +283,8 @@ async def show_card(con: asyncpg.Connection, card_number: str, postings_limit: i
         "phone": card["phone"],
         "status": card["status"],
         "has_pin": card["has_pin"],
+        "pin_failures": card["pin_failures"],
+        "pin_locked": card["pin_locked"],
         "points_balance": card["points_balance"],
         "postings": [
             {

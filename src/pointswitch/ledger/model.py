@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -27,6 +27,19 @@ class Status(StrEnum):
     EXCEEDS_ORIGINAL = "exceeds_original"
     DUPLICATE_KEY = "duplicate_key"
     ALREADY_REVERSED = "already_reversed"
+    NOT_SIGNED_ON = "not_signed_on"
+    NO_MASTER_KEY = "no_master_key"
+    WRONG_PIN = "wrong_pin"
+    PIN_LOCKED = "pin_locked"
+
+
+class KeyScheme(StrEnum):
+    """Working keys a sign-on issues: single-length, double-length, or double-length
+    plus a track data key."""
+
+    SINGLE = "single"
+    DOUBLE = "double"
+    DOUBLE_WITH_TRACK = "double_with_track"
 
 
 class Operation(StrEnum):
@@ -66,7 +79,39 @@ class Command:
 
 @dataclass(frozen=True)
 class SignOn(Command):
-    pass
+    scheme: KeyScheme = KeyScheme.DOUBLE
+
+
+@dataclass(frozen=True)
+class GetSession(Command):
+    """The terminal's current working keys, if it is signed on."""
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A working key encrypted under the terminal master key, and its check value."""
+
+    under_tmk: bytes
+    check_value: bytes
+
+
+@dataclass(frozen=True)
+class KeyExchange:
+    scheme: KeyScheme
+    pik: WrappedKey
+    mak: WrappedKey
+    tdk: WrappedKey | None = None
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-on terminal's clear working keys: in memory only, never logged."""
+
+    scheme: KeyScheme
+    generation: int
+    pik: bytes = field(repr=False)
+    mak: bytes = field(repr=False)
+    tdk: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +122,8 @@ class SignOff(Command):
 @dataclass(frozen=True)
 class Inquire(Command):
     card_number: str
+    pin_required: bool = False
+    pin: str | None = field(default=None, repr=False, compare=False)  # clear PIN, memory only
 
 
 @dataclass(frozen=True)
@@ -88,6 +135,10 @@ class Posting(Command):
     amount_fen: int
     operation: Operation
     original: OriginalRef | None = None
+    pin_required: bool = False
+    # The clear PIN, decrypted from the PIN block; memory only, and not part of the
+    # fingerprint (a stored hash of a 6-digit PIN would be guessable).
+    pin: str | None = field(default=None, repr=False, compare=False)
 
     def fingerprint(self) -> bytes:
         """What must be equal for a retransmission to be the same request."""
@@ -123,15 +174,17 @@ class Outcome:
     host_time: str = ""  # ISO 8601, UTC; kept so that a replay is identical
     replayed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    key_exchange: KeyExchange | None = field(default=None, repr=False)
+    session: Session | None = field(default=None, repr=False)
 
     @property
     def approved(self) -> bool:
         return self.status is Status.APPROVED
 
     def to_json(self) -> str:
-        d = asdict(self)
+        transient = ("replayed", "key_exchange", "session")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in transient}
         d["status"] = self.status.value
-        d.pop("replayed")
         return json.dumps(d)
 
     @classmethod

@@ -17,6 +17,7 @@ sums over ``postings`` (view ``account_balances``).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -27,28 +28,38 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..codecs import crypto
+from .admin import verify_pin
 from .model import (
     Command,
+    GetSession,
     Inquire,
+    KeyExchange,
+    KeyScheme,
     Operation,
     OriginalRef,
     Outcome,
     Posting,
     RequestKey,
     Reverse,
+    Session,
     SignOff,
     SignOn,
     Status,
+    WrappedKey,
 )
+from .vault import Vault, VaultError
 
 log = structlog.get_logger("pointswitch.ledger")
 
 _CONTEXT = """
 SELECT t.status AS terminal_status, t.merchant_id, t.current_batch,
+       t.session_state, t.key_scheme, t.key_generation, t.pik_sealed, t.mak_sealed, t.tdk_sealed,
        m.status AS merchant_status, m.earn_rate_points_per_yuan AS earn_rate,
        m.redeem_value_fen_per_point AS redeem_value,
        m.issued_account_id, m.redeemed_account_id,
        c.status AS card_status, c.account_id AS card_account_id, c.points_balance,
+       c.pin_hash, c.pin_locked,
        lpad(nextval('rrn_seq')::text, 12, '0') AS rrn
 FROM terminals t
 JOIN merchants m USING (merchant_id)
@@ -125,12 +136,22 @@ def _auth_code() -> str:
     return f"{secrets.randbelow(1_000_000):06d}"
 
 
+_KEY_LENGTHS = {  # scheme -> (PIK, MAK, TDK) lengths in bytes
+    KeyScheme.SINGLE: (8, 8, 0),
+    KeyScheme.DOUBLE: (16, 8, 0),
+    KeyScheme.DOUBLE_WITH_TRACK: (16, 8, 16),
+}
+
+
 class Ledger:
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pin_tries: int = 3):
         self._pool = pool
+        self._vault = vault
+        self.max_pin_tries = max_pin_tries
         self._handlers: dict[type, Callable[[Any], Awaitable[Outcome]]] = {
             SignOn: self._sign_on,
             SignOff: self._sign_off,
+            GetSession: self._session,
             Inquire: self._inquire,
             Posting: self._posting,
             Reverse: self._reverse,
@@ -210,16 +231,41 @@ class Ledger:
 
     # -- network management ----------------------------------------------------
     async def _sign_on(self, cmd: SignOn) -> Outcome:
-        async with self._pool.acquire() as con:
+        """Issue fresh working keys, sealed at rest, wrapped under the TMK for the terminal."""
+        pik_len, mak_len, tdk_len = _KEY_LENGTHS[cmd.scheme]
+        async with self._pool.acquire() as con, con.transaction():
             ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, None)
             bad = self._check_terminal(ctx, cmd)
             if bad:
                 return Outcome(bad, host_time=_now())
-            batch = await con.fetchval(
-                "UPDATE terminals SET signed_on_at = now() WHERE terminal_id = $1 RETURNING current_batch",
+            row = await con.fetchrow(
+                "SELECT tmk_sealed, key_generation FROM terminals WHERE terminal_id = $1 FOR UPDATE",
                 cmd.terminal_id,
             )
-        return Outcome(Status.APPROVED, batch=batch, host_time=_now())
+            if row["tmk_sealed"] is None:
+                log.warning("sign-on refused: terminal has no master key", terminal=cmd.terminal_id)
+                return Outcome(Status.NO_MASTER_KEY, host_time=_now())
+            tmk = self._vault.open(row["tmk_sealed"], f"tmk:{cmd.terminal_id}")
+            generation = row["key_generation"] + 1
+            keys = {"pik": crypto.generate_key(pik_len), "mak": crypto.generate_key(mak_len)}
+            if tdk_len:
+                keys["tdk"] = crypto.generate_key(tdk_len)
+            sealed = {k: self._vault.seal(v, f"{k}:{cmd.terminal_id}:{generation}") for k, v in keys.items()}
+            batch = await con.fetchval(
+                "UPDATE terminals SET pik_sealed = $2, mak_sealed = $3, tdk_sealed = $4, key_scheme = $5,"
+                " key_generation = $6, session_state = 'signed_on', signed_on_at = now()"
+                " WHERE terminal_id = $1 RETURNING current_batch",
+                cmd.terminal_id, sealed["pik"], sealed["mak"], sealed.get("tdk"), cmd.scheme.value, generation,
+            )
+
+        def wrap(key: bytes) -> WrappedKey:
+            return WrappedKey(crypto.encrypt(tmk, key), crypto.check_value(key))
+
+        exchange = KeyExchange(
+            cmd.scheme, wrap(keys["pik"]), wrap(keys["mak"]), wrap(keys["tdk"]) if "tdk" in keys else None
+        )
+        log.info("terminal signed on", terminal=cmd.terminal_id, generation=generation, scheme=cmd.scheme.value)
+        return Outcome(Status.APPROVED, batch=batch, host_time=_now(), key_exchange=exchange)
 
     async def _sign_off(self, cmd: SignOff) -> Outcome:
         async with self._pool.acquire() as con:
@@ -227,20 +273,74 @@ class Ledger:
             bad = self._check_terminal(ctx, cmd)
             if bad:
                 return Outcome(bad, host_time=_now())
-            await con.execute("UPDATE terminals SET signed_off_at = now() WHERE terminal_id = $1", cmd.terminal_id)
+            await con.execute(
+                "UPDATE terminals SET signed_off_at = now(), session_state = 'signed_off',"
+                " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
+                cmd.terminal_id,
+            )
         return Outcome(Status.APPROVED, host_time=_now())
 
-    async def _inquire(self, cmd: Inquire) -> Outcome:
+    async def _session(self, cmd: GetSession) -> Outcome:
         async with self._pool.acquire() as con:
-            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
+            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, None)
         bad = self._check_terminal(ctx, cmd)
         if bad:
             return Outcome(bad, host_time=_now())
         assert ctx is not None
-        if ctx["card_status"] is None:
-            return Outcome(Status.UNKNOWN_CARD, rrn=ctx["rrn"], host_time=_now())
-        if ctx["card_status"] != "active":
-            return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
+        if ctx["session_state"] != "signed_on" or ctx["mak_sealed"] is None:
+            return Outcome(Status.NOT_SIGNED_ON, host_time=_now())
+        generation = ctx["key_generation"]
+
+        def unseal(kind: str) -> bytes:
+            return self._vault.open(ctx[f"{kind}_sealed"], f"{kind}:{cmd.terminal_id}:{generation}")
+
+        try:
+            session = Session(
+                KeyScheme(ctx["key_scheme"]), generation, unseal("pik"), unseal("mak"),
+                unseal("tdk") if ctx["tdk_sealed"] is not None else None,
+            )
+        except VaultError:
+            log.error("working keys do not open under the master key", terminal=cmd.terminal_id)
+            return Outcome(Status.NOT_SIGNED_ON, host_time=_now())
+        return Outcome(Status.APPROVED, host_time=_now(), session=session)
+
+    async def _check_pin(self, con: asyncpg.Connection, ctx: asyncpg.Record, card: str, pin: str | None
+                         ) -> Status | None:
+        """None when the PIN is right. A wrong PIN counts a try; the try that reaches
+        the limit locks the card for PIN use until an operator unlocks it."""
+        if ctx["pin_locked"]:
+            return Status.PIN_LOCKED
+        if ctx["pin_hash"] is None or pin is None:
+            return Status.WRONG_PIN  # no PIN set, or no PIN block: not counted as a try
+        # scrypt is slow on purpose: keep it off the event loop.
+        if await asyncio.to_thread(verify_pin, pin, ctx["pin_hash"]):
+            await con.execute(
+                "UPDATE cards SET pin_failures = 0 WHERE card_number = $1 AND pin_failures <> 0", card
+            )
+            return None
+        locked = await con.fetchval(
+            "UPDATE cards SET pin_failures = pin_failures + 1, pin_locked = pin_failures + 1 >= $2"
+            " WHERE card_number = $1 RETURNING pin_locked",
+            card, self.max_pin_tries,
+        )
+        log.info("wrong PIN", card=card, locked=locked)
+        return Status.PIN_LOCKED if locked else Status.WRONG_PIN
+
+    async def _inquire(self, cmd: Inquire) -> Outcome:
+        async with self._pool.acquire() as con, con.transaction():
+            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
+            bad = self._check_terminal(ctx, cmd)
+            if bad:
+                return Outcome(bad, host_time=_now())
+            assert ctx is not None
+            if ctx["card_status"] is None:
+                return Outcome(Status.UNKNOWN_CARD, rrn=ctx["rrn"], host_time=_now())
+            if ctx["card_status"] != "active":
+                return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
+            if cmd.pin_required:
+                pin_problem = await self._check_pin(con, ctx, cmd.card_number, cmd.pin)
+                if pin_problem:
+                    return Outcome(pin_problem, rrn=ctx["rrn"], host_time=_now())
         balance = ctx["points_balance"]
         return Outcome(
             Status.APPROVED, points_balance=balance,
@@ -298,6 +398,8 @@ class Ledger:
 
     async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
         problem = self._card_problem(ctx, cmd, spending=True)
+        if problem is None and cmd.pin_required:
+            problem = await self._check_pin(con, ctx, cmd.card_number, cmd.pin)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = points_for_value(cmd.amount_fen, ctx["redeem_value"])

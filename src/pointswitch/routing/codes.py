@@ -16,6 +16,7 @@ FORMAT_ERROR = "30"
 FUNCTION_NOT_SUPPORTED = "40"
 INSUFFICIENT_POINTS = "51"
 WRONG_PIN = "55"
+PIN_TRIES_EXCEEDED = "75"
 NOT_ALLOWED_AT_TERMINAL = "58"
 RESTRICTED_CARD = "62"
 AMOUNT_DIFFERS = "64"
@@ -39,6 +40,13 @@ FOR_STATUS: dict[Status, str] = {
     Status.DUPLICATE_KEY: DUPLICATE,
     # The late original of a transaction already reversed: not eligible any more.
     Status.ALREADY_REVERSED: ORIGINAL_NOT_ELIGIBLE,
+    Status.NOT_SIGNED_ON: MAC_ERROR,
+    Status.NO_MASTER_KEY: NOT_ALLOWED_AT_TERMINAL,
+    Status.WRONG_PIN: WRONG_PIN,
+    Status.PIN_LOCKED: PIN_TRIES_EXCEEDED,
 }
+
+# Codes whose response asks a cup terminal to sign on again (header processing requirement 3).
+SIGN_ON_AGAIN = {MAC_ERROR}
 
 assert set(FOR_STATUS) == set(Status), "every ledger status has a response code"

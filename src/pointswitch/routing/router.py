@@ -8,22 +8,31 @@ PIN) slot in between "check" and "execute".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from ..codecs import Fields
+import structlog
+
+from ..codecs import Fields, Message, crypto
 from ..codecs.subfields import (
     CURRENCY_CNY,
     CURRENCY_POINTS,
     Balance,
     Field60,
+    KeyBlock,
     parse_60,
     parse_61,
     render_54,
+    render_62,
 )
 from ..ledger import (
     Command,
+    GetSession,
     Inquire,
+    KeyScheme,
     Ledger,
     Operation,
     OriginalRef,
@@ -31,6 +40,7 @@ from ..ledger import (
     Posting,
     RequestKey,
     Reverse,
+    Session,
     SignOff,
     SignOn,
     Status,
@@ -50,8 +60,27 @@ _OPERATION = {
 }
 
 
+log = structlog.get_logger("pointswitch.routing")
+
+# 60.3 of a sign-on -> the working keys it asks for
+_KEY_SCHEMES = {"001": KeyScheme.SINGLE, "003": KeyScheme.DOUBLE, "004": KeyScheme.DOUBLE_WITH_TRACK}
+
+
 class FormatError(ValueError):
     """The message routes but its fields do not fit the operation: code 30."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """A listener's security policy.
+
+    mac: "ecb" (UnionPay POS method, the terminal's MAK from sign-on), "x919"
+    (ANSI X9.19 with ``mac_key``, agreed when the listener was configured) or "off".
+    require_sign_on: financial requests need a signed-on terminal (working keys)."""
+
+    mac: str = "ecb"
+    mac_key: bytes | None = field(default=None, repr=False)
+    require_sign_on: bool = True
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,7 @@ class Response:
     fields: Fields
     processing_requirement: int = 0  # cup header: 3 = sign on again, ...
     op: str = ""
+    sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)  # computes field 64
 
 
 def error_response(request: Fields, code: str) -> Response | None:
@@ -69,15 +99,17 @@ def error_response(request: Fields, code: str) -> Response | None:
         return None
     fields = {k: request[k] for k in ECHO if k in request}
     fields.update({"t": mti, "39": code})
-    return Response(fields)
+    return Response(fields, processing_requirement=3 if code in codes.SIGN_ON_AGAIN else 0)
 
 
 class Router:
     def __init__(self, ledger: Ledger):
         self._ledger = ledger
 
-    async def handle(self, request: Fields) -> Response | None:
+    async def handle(self, message: Message, security: Security | None = None) -> Response | None:
         """Answer one decoded request; None when it cannot be answered at all."""
+        security = security or Security()
+        request = message.fields
         if table.response_mti(request["t"]) is None:
             return None
         try:
@@ -93,13 +125,50 @@ class Router:
         if any(f not in request for f in route.required):
             return self._with_op(error_response(request, codes.FORMAT_ERROR), route)
         if route.op is Op.ECHO:
-            return self._with_op(self._respond(request, Outcome(Status.APPROVED, host_time=_now()), route, f60), route)
+            return self._respond(request, Outcome(Status.APPROVED, host_time=_now()), route, f60)
         try:
             command = self._command(request, route, f60)
         except (FormatError, ValueError):
             return self._with_op(error_response(request, codes.FORMAT_ERROR), route)
+        if route.op in table.NETWORK_OPS:
+            return self._respond(request, await self._ledger.execute(command), route, f60)
+        return await self._financial(message, route, f60, command, security)
+
+    async def _financial(self, message: Message, route: Route, f60: Field60, command: Command,
+                         security: Security) -> Response | None:
+        """Authenticate the terminal, verify the MAC, check track and PIN, then post."""
+        request = message.fields
+        session: Session | None = None
+        if security.require_sign_on:
+            found = await self._ledger.execute(GetSession(command.terminal_id, command.merchant_id))
+            if not found.approved:
+                return self._decline(request, route, found.status)
+            session = found.session
+        mac_key = session.mak if security.mac == "ecb" and session else None
+        if security.mac == "x919":
+            mac_key = security.mac_key
+        mac_fn = None
+        if security.mac != "off":
+            mac_fn = _mac_function(security.mac, mac_key)
+            if mac_fn is None or not _mac_matches(message, mac_fn):
+                log.warning("MAC missing or wrong", terminal=command.terminal_id, trace=request.get("11"),
+                            mti=request["t"], mac_present="64" in request)
+                return self._decline(request, route, Status.NOT_SIGNED_ON)
+        if "35" in request and not _track_matches(request, session):
+            return self._with_sign(self._decline(request, route, Status.UNKNOWN_CARD), mac_fn)
+        if route.pin and isinstance(command, Inquire | Posting):
+            command = replace(command, pin_required=True, pin=_pin(request, session))
         outcome = await self._ledger.execute(command)
-        return self._respond(request, outcome, route, f60)
+        return self._with_sign(self._respond(request, outcome, route, f60), mac_fn)
+
+    def _decline(self, request: Fields, route: Route, status: Status) -> Response | None:
+        return self._with_op(error_response(request, codes.FOR_STATUS[status]), route)
+
+    @staticmethod
+    def _with_sign(response: Response | None, mac_fn: Callable[[bytes], bytes] | None) -> Response | None:
+        if response is None or mac_fn is None:
+            return response
+        return replace(response, sign=mac_fn)
 
     @staticmethod
     def _with_op(response: Response | None, route: Route) -> Response | None:
@@ -112,7 +181,7 @@ class Router:
         terminal = req["41"].rstrip()
         merchant = req["42"].rstrip()
         if route.op is Op.SIGN_ON:
-            return SignOn(terminal, merchant)
+            return SignOn(terminal, merchant, _KEY_SCHEMES.get(f60.network_code, KeyScheme.DOUBLE))
         if route.op is Op.SIGN_OFF:
             return SignOff(terminal, merchant)
         card = req["2"]
@@ -143,6 +212,14 @@ class Router:
         if route.op in (Op.SIGN_ON, Op.SIGN_OFF, Op.ECHO):
             batch = f"{outcome.batch:06d}" if outcome.batch is not None else f60.batch
             fields["60"] = Field60(f60.txn_type, batch, f60.network_code).render()
+            if outcome.key_exchange is not None:
+                kx = outcome.key_exchange
+                network_code = f60.network_code if f60.network_code in ("001", "003", "004") else "003"
+                fields["62"] = render_62(
+                    network_code, KeyBlock(kx.pik.under_tmk, kx.pik.check_value),
+                    KeyBlock(kx.mak.under_tmk, kx.mak.check_value),
+                    KeyBlock(kx.tdk.under_tmk, kx.tdk.check_value) if kx.tdk else None,
+                ).hex().upper()
             return Response(fields, op=route.op.value)
         fields["15"] = host_time.strftime("%m%d")
         if outcome.rrn:
@@ -157,6 +234,44 @@ class Router:
         if outcome.approved and route.op is not Op.INQUIRY:
             fields["63"] = str(outcome.points_moved)
         return Response(fields, op=route.op.value)
+
+
+def _mac_function(method: str, key: bytes | None) -> Callable[[bytes], bytes] | None:
+    if key is None:
+        return None
+    if method == "ecb":
+        return functools.partial(crypto.mac_cup_ecb, key)
+    if method == "x919":
+        return functools.partial(crypto.mac_x919, key)
+    raise ValueError(f"unknown MAC method {method!r}")
+
+
+def _mac_matches(message: Message, mac_fn: Callable[[bytes], bytes]) -> bool:
+    if message.mac_data is None or "64" not in message.fields:
+        return False
+    return hmac.compare_digest(mac_fn(message.mac_data), bytes.fromhex(message.fields["64"]))
+
+
+def _track_matches(request: Fields, session: Session | None) -> bool:
+    """Track 2 must carry the card number of field 2 (decrypted first under 004 keys)."""
+    track = request["35"]
+    if session is not None and session.tdk is not None:
+        try:
+            track = crypto.decrypt_track(session.tdk, track)
+        except crypto.CryptoError:
+            return False
+    return crypto.track2_pan(track) == request.get("2")
+
+
+def _pin(request: Fields, session: Session | None) -> str | None:
+    """The clear PIN from field 52: None when absent (not counted as a try), "" when
+    it does not decrypt to a format 0 block (counted as a wrong PIN)."""
+    if "52" not in request or session is None:
+        return None
+    try:
+        return crypto.decrypt_pin_block(session.pik, bytes.fromhex(request["52"]), request["2"])
+    except crypto.CryptoError:
+        return ""
 
 
 def _now() -> str:

@@ -32,6 +32,7 @@ class Route:
     op: Op
     required: tuple[str, ...]  # fields that must be present; otherwise 30
     supported: bool = True  # named by the protocol, provided by a later version: 40
+    pin: bool = False  # the member's PIN is required (field 52)
 
 
 _FIN = ("3", "11", "25", "41", "42", "60")
@@ -39,15 +40,17 @@ _CARD = ("2",)
 
 # (MTI, F3[:2], F25, 60.1) -> route
 FINANCIAL: dict[tuple[str, str, str, str], Route] = {
-    ("0200", "31", "00", "01"): Route(Op.INQUIRY, _FIN + _CARD),
+    ("0200", "31", "00", "01"): Route(Op.INQUIRY, _FIN + _CARD, pin=True),
     ("0200", "00", "00", "22"): Route(Op.ACCRUE, _FIN + _CARD + ("4",)),
     ("0200", "20", "00", "23"): Route(Op.VOID_ACCRUAL, _FIN + _CARD + ("4", "61")),
     ("0220", "20", "00", "25"): Route(Op.REFUND, _FIN + _CARD + ("4", "61")),
-    ("0200", "00", "00", "51"): Route(Op.REDEEM, _FIN + _CARD + ("4",)),
+    ("0200", "00", "00", "51"): Route(Op.REDEEM, _FIN + _CARD + ("4",), pin=True),
     ("0200", "20", "00", "52"): Route(Op.VOID_REDEMPTION, _FIN + _CARD + ("4", "61")),
-    ("0200", "40", "00", "53"): Route(Op.POINTS_TO_CARD, _FIN + _CARD + ("4", "48"), supported=False),
-    ("0200", "50", "00", "54"): Route(Op.INSURANCE, _FIN + _CARD + ("4", "48"), supported=False),
+    ("0200", "40", "00", "53"): Route(Op.POINTS_TO_CARD, _FIN + _CARD + ("4", "48"), supported=False, pin=True),
+    ("0200", "50", "00", "54"): Route(Op.INSURANCE, _FIN + _CARD + ("4", "48"), supported=False, pin=True),
 }
+
+NETWORK_OPS = {Op.SIGN_ON, Op.SIGN_OFF, Op.ECHO, Op.SETTLEMENT, Op.BATCH_UPLOAD}
 
 # Operations a reversal may undo.
 REVERSIBLE = {Op.ACCRUE, Op.VOID_ACCRUAL, Op.REFUND, Op.REDEEM, Op.VOID_REDEMPTION}

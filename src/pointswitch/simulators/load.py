@@ -37,6 +37,8 @@ class LoadPlan:
     framing: str = "binary2"
     seed: int | None = None
     timeout_s: float = 10.0
+    tmk: bytes | None = field(default=None, repr=False)  # master key of the load terminals
+    pin: str = "123456"  # PIN of the load cards
 
 
 @dataclass
@@ -150,7 +152,8 @@ async def run_load(plan: LoadPlan, progress: TextIO | None = sys.stderr) -> Load
     clients = []
     for n in range(plan.connections):
         client = TerminalClient(plan.host, plan.port, terminal_id(plan.terminal_prefix, n + 1), plan.merchant_id,
-                                dialect_name=plan.dialect, framing_name=plan.framing, timeout_s=plan.timeout_s)
+                                dialect_name=plan.dialect, framing_name=plan.framing, timeout_s=plan.timeout_s,
+                                tmk=plan.tmk, default_pin=plan.pin)
         await client.connect()
         await client.sign_on()
         # Each run starts its traces where a previous run cannot have reached.

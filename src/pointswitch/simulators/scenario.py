@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .terminal import Reply, TerminalClient
 
 DEMO_CARD = "6288880000000000017"
+DEMO_PIN = "246810"
 DEMO_MERCHANTS = [
     # merchant id, name, earn rate (points per yuan), terminal id
     ("M00000000000001", "Tea House", "1", "TA000001"),
@@ -38,13 +39,15 @@ class ScenarioFailed(AssertionError):
     pass
 
 
-async def run_scenario(host: str, port: int, card: str = DEMO_CARD,
-                       report: Callable[[Step], None] = lambda step: None) -> list[Step]:
+async def run_scenario(host: str, port: int, tmks: dict[str, bytes], card: str = DEMO_CARD,
+                       report: Callable[[Step], None] = lambda step: None, pin: str = DEMO_PIN) -> list[Step]:
+    """Drive the demo network. ``tmks`` are the terminals' master keys (terminal id ->
+    key), as loaded into each terminal when it was installed."""
     steps: list[Step] = []
     (ma, _, _, ta), (mb, _, _, tb), (mc, _, _, tc) = DEMO_MERCHANTS
-    a = await TerminalClient(host, port, ta, ma).connect()
-    b = await TerminalClient(host, port, tb, mb).connect()
-    c = await TerminalClient(host, port, tc, mc).connect()
+    a = await TerminalClient(host, port, ta, ma, tmk=tmks[ta], default_pin=pin).connect()
+    b = await TerminalClient(host, port, tb, mb, tmk=tmks[tb], default_pin=pin).connect()
+    c = await TerminalClient(host, port, tc, mc, tmk=tmks[tc], default_pin=pin).connect()
 
     def check(title: str, reply: Reply, rc: str = "00", balance: int | None = None) -> Reply:
         step = Step(title, reply, rc, balance)
@@ -58,9 +61,12 @@ async def run_scenario(host: str, port: int, card: str = DEMO_CARD,
 
     try:
         for term in (a, b, c):
-            check(f"sign on {term.terminal_id}", await term.sign_on())
+            check(f"sign on {term.terminal_id}: working keys under its master key, check values verified",
+                  await term.sign_on())
         start = (await a.inquiry(card)).points_balance or 0
-        check("balance inquiry at Tea House", await a.inquiry(card), balance=start)
+        check("balance inquiry at Tea House (PIN block under the PIK, MAC under the MAK)",
+              await a.inquiry(card), balance=start)
+        check("balance inquiry with a wrong PIN", await a.inquiry(card, pin="111111"), rc="55")
         check("buy tea for 100.00 yuan at Tea House (1 point per yuan)",
               await a.accrue(card, 10000), balance=start + 100)
         check("buy books for 58.50 yuan at Book Store (2 points per yuan): one balance, the sum",
@@ -82,6 +88,10 @@ async def run_scenario(host: str, port: int, card: str = DEMO_CARD,
         if second.rrn != first.rrn:
             raise ScenarioFailed("the retransmission did not get the stored response")
         check("balance inquiry: the retransmission posted once", await c.inquiry(card), balance=start + 167)
+        check("a purchase altered on the line after its MAC was computed: nothing posted",
+              await c.accrue(card, 100000, tamper=True), rc="A0")
+        check("the terminal signs on again as asked (new working keys)", await c.sign_on())
+        check("balance unchanged", await c.inquiry(card), balance=start + 167)
     finally:
         for term in (a, b, c):
             await term.close()

@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..codecs import DecodeFailure, FrameDecoder, FramingError, dialect, framing
+from ..codecs import DecodeFailure, FrameDecoder, FramingError, crypto, dialect, framing
 from ..codecs.cup import Envelope
-from ..codecs.subfields import Field60, parse_54
+from ..codecs.subfields import Field60, parse_54, parse_62
+
+FINANCIAL_MTIS = {"0200", "0220", "0400", "0420"}
+PIN_OPS = {"inquiry", "redeem"}
 
 # 60.1 transaction types and processing codes of PROTOCOL.md
 OPS: dict[str, tuple[str, str, str]] = {
@@ -33,6 +36,7 @@ class Reply:
     fields: dict[str, str]
     latency_ms: float = 0.0
     envelope: Any = None
+    mac_ok: bool | None = None  # None: the response carried no MAC
 
     @property
     def rc(self) -> str:
@@ -86,6 +90,13 @@ class TerminalClient:
     trace: int = 0
     timeout_s: float = 10.0
     max_frame_bytes: int = 8192
+    tmk: bytes | None = field(default=None, repr=False)  # terminal master key, loaded at installation
+    default_pin: str | None = field(default=None, repr=False)  # the PIN "typed" when none is given
+    x919_key: bytes | None = field(default=None, repr=False)  # for iso87 listeners with mac = x919
+    pik: bytes | None = field(default=None, repr=False)
+    mak: bytes | None = field(default=None, repr=False)
+    tdk: bytes | None = field(default=None, repr=False)
+    sign_on_at_connect: bool = False
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
     _pending: dict[tuple[str, str], asyncio.Future[Reply]] = field(default_factory=dict)
@@ -103,6 +114,8 @@ class TerminalClient:
             asyncio.open_connection(self.host, self.port), self.timeout_s
         )
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+        if self.sign_on_at_connect:
+            await self.sign_on()
         return self
 
     async def close(self) -> None:
@@ -147,7 +160,11 @@ class TerminalClient:
                     if future is not None and not future.done():
                         request, sent_at = self._sent.pop(key)
                         latency_ms = (asyncio.get_running_loop().time() - sent_at) * 1000
-                        future.set_result(Reply(request, message.fields, latency_ms, message.envelope))
+                        mac_ok = None
+                        mac_fn = self._mac_fn()
+                        if "64" in message.fields and mac_fn is not None and message.mac_data is not None:
+                            mac_ok = mac_fn(message.mac_data) == bytes.fromhex(message.fields["64"])
+                        future.set_result(Reply(request, message.fields, latency_ms, message.envelope, mac_ok))
                     else:
                         self._unmatched.put_nowait(message.fields)
         except (ConnectionError, FramingError, OSError):
@@ -182,8 +199,19 @@ class TerminalClient:
         self._writer.write(payload)
         await self._writer.drain()
 
-    async def send(self, fields: dict[str, str], envelope: Envelope | None = None) -> Reply:
-        """Send one request and wait for the response with the same trace number."""
+    def _mac_fn(self) -> Any:
+        if self.x919_key is not None:
+            return lambda data: crypto.mac_x919(self.x919_key, data)
+        if self.mak is not None and self.dialect_name == "cup":
+            return lambda data: crypto.mac_cup_ecb(self.mak, data)
+        return None
+
+    async def send(self, fields: dict[str, str], envelope: Envelope | None = None, *,
+                   tamper: bool = False) -> Reply:
+        """Send one request and wait for the response with the same trace number.
+
+        Financial requests carry a MAC when the terminal has a MAC key; with
+        ``tamper`` one digit of the amount is changed after the MAC was computed."""
         assert self._writer is not None, "connect first"
         if self.closed_by_peer:
             raise TerminalError("connection closed by the switch")
@@ -191,7 +219,10 @@ class TerminalClient:
         key = (response_mti, fields.get("11", ""))
         if key in self._pending:
             raise TerminalError(f"trace {key[1]} already outstanding on this connection")
-        payload = self.dialect.encode(fields, envelope)
+        mac_fn = self._mac_fn() if fields["t"] in FINANCIAL_MTIS else None
+        payload = self.dialect.encode(fields, envelope, sign=mac_fn)
+        if tamper:
+            payload = self._tampered(payload, fields)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self._pending[key] = future
@@ -204,16 +235,44 @@ class TerminalClient:
             self._sent.pop(key, None)
             raise TerminalError(f"no response to trace {key[1]} within {self.timeout_s}s") from None
 
+    def _tampered(self, payload: bytes, fields: dict[str, str]) -> bytes:
+        """Change the last digit of the amount (field 4), keeping the format valid."""
+        amount = fields.get("4", "")
+        raw = bytes.fromhex(amount) if self.dialect_name == "cup" else amount.encode()
+        at = payload.find(raw) if amount else -1
+        if at < 0:
+            raise TerminalError("tamper needs an amount (field 4) to change")
+        out = bytearray(payload)
+        last = at + len(raw) - 1
+        if self.dialect_name == "cup":
+            out[last] = (out[last] & 0xF0) | (((out[last] & 0x0F) + 1) % 10)
+        else:
+            out[last] = ord(str((out[last] - 48 + 1) % 10))
+        return bytes(out)
+
     async def next_unmatched(self, timeout_s: float = 2.0) -> dict[str, str]:
         return await asyncio.wait_for(self._unmatched.get(), timeout_s)
 
     # -- operations -----------------------------------------------------------
     async def sign_on(self, network_code: str = "003") -> Reply:
+        """Sign on: take the host's batch number and the working keys of field 62,
+        decrypted under the terminal master key and checked against their check values."""
         fields = self.base_fields("0800", "", "00", network_code=network_code)
         del fields["3"], fields["25"]
         reply = await self.send(fields)
         if reply.approved and "60" in reply.fields:
             self.batch = int(reply.fields["60"][2:8])
+        if reply.approved and "62" in reply.fields and self.tmk is not None:
+            pik, mak, tdk = parse_62(network_code, bytes.fromhex(reply.fields["62"]))
+            keys = {}
+            for name, block in (("PIK", pik), ("MAK", mak), ("TDK", tdk)):
+                if block is None:
+                    continue
+                clear = crypto.decrypt(self.tmk, block.under_tmk)
+                if crypto.check_value(clear) != block.check_value:
+                    raise TerminalError(f"{name} check value does not match: wrong terminal master key?")
+                keys[name] = clear
+            self.pik, self.mak, self.tdk = keys["PIK"], keys["MAK"], keys.get("TDK")
         return reply
 
     async def sign_off(self) -> Reply:
@@ -226,25 +285,36 @@ class TerminalClient:
         del fields["3"], fields["25"]
         return await self.send(fields)
 
-    def request(self, op: str, card: str, amount_fen: int | None = None, **extra: str) -> dict[str, str]:
+    def request(self, op: str, card: str, amount_fen: int | None = None, *, pin: str | None = None,
+                track2: str | None = None, **extra: str) -> dict[str, str]:
+        """A request as the terminal builds it. Operations that need the member's PIN
+        carry a format 0 PIN block under the PIK (field 52, 53 = 26...)."""
         mti, proc, txn_type = OPS[op]
         fields = self.base_fields(mti, proc, txn_type)
         fields["2"] = card
-        fields["22"] = "021"
+        fields["22"] = "022"  # 2: no PIN entered
         fields["49"] = "156"
         if amount_fen is not None:
             fields["4"] = f"{amount_fen:012d}"
+        pin = pin if pin is not None else self.default_pin
+        if op in PIN_OPS and pin and self.pik is not None:
+            fields["22"] = "021"  # 1: PIN entered
+            fields["26"] = "12"
+            fields["52"] = crypto.encrypt_pin_block(self.pik, pin, card).hex().upper()
+            fields["53"] = "2600000000000000"
+        if track2 is not None:
+            fields["35"] = crypto.encrypt_track(self.tdk, track2) if self.tdk else track2
         fields.update(extra)
         return fields
 
-    async def inquiry(self, card: str) -> Reply:
-        return await self.send(self.request("inquiry", card))
+    async def inquiry(self, card: str, *, pin: str | None = None) -> Reply:
+        return await self.send(self.request("inquiry", card, pin=pin))
 
-    async def accrue(self, card: str, amount_fen: int) -> Reply:
-        return await self.send(self.request("accrue", card, amount_fen))
+    async def accrue(self, card: str, amount_fen: int, *, tamper: bool = False) -> Reply:
+        return await self.send(self.request("accrue", card, amount_fen), tamper=tamper)
 
-    async def redeem(self, card: str, amount_fen: int) -> Reply:
-        return await self.send(self.request("redeem", card, amount_fen))
+    async def redeem(self, card: str, amount_fen: int, *, pin: str | None = None) -> Reply:
+        return await self.send(self.request("redeem", card, amount_fen, pin=pin))
 
     async def void(self, original: Reply) -> Reply:
         """Void an accrual or a redemption of this batch, by its reply."""
@@ -284,6 +354,7 @@ def describe(reply: Reply) -> dict[str, Any]:
         "rrn": reply.rrn or None,
         "auth_code": reply.fields.get("38"),
         "batch": reply.fields.get("60", "")[2:8] or None,
+        "mac_verified": reply.mac_ok,
         "latency_ms": round(reply.latency_ms, 2),
     }
 

@@ -14,7 +14,7 @@ import structlog
 
 from ..codecs import DecodeFailure, Dialect, EncodeFailure
 from ..logs import mask_pan
-from ..routing import Response, Router, codes, error_response
+from ..routing import Response, Router, Security, codes, error_response
 
 log = structlog.get_logger("pointswitch.switch")
 
@@ -26,11 +26,13 @@ class Answer:
 
 
 class FrameHandler:
-    def __init__(self, listener: str, dialect: Dialect, router: Router, request_timeout_s: float):
+    def __init__(self, listener: str, dialect: Dialect, router: Router, request_timeout_s: float,
+                 security: Security | None = None):
         self.listener = listener
         self.dialect = dialect
         self.router = router
         self.request_timeout_s = request_timeout_s
+        self.security = security or Security(mac="ecb" if dialect.name == "cup" else "off")
 
     async def handle(self, frame: bytes, peer: str = "") -> Answer:
         started = time.perf_counter()
@@ -46,7 +48,7 @@ class FrameHandler:
         fields = message.fields
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                response = await self.router.handle(fields)
+                response = await self.router.handle(message, self.security)
         except TimeoutError:
             response = error_response(fields, codes.SYSTEM_MALFUNCTION)
             log.error("request timed out", listener=self.listener, timeout_s=self.request_timeout_s)
@@ -62,7 +64,7 @@ class FrameHandler:
         reply = getattr(envelope, "reply", None)
         env = reply(response.processing_requirement) if reply else envelope
         try:
-            return self.dialect.encode(response.fields, env)
+            return self.dialect.encode(response.fields, env, sign=response.sign)
         except EncodeFailure as exc:
             log.error("response does not encode", listener=self.listener, error=mask_pan(str(exc)))
             fallback = {k: v for k, v in response.fields.items() if k in ("t", "3", "11", "41", "42")}
