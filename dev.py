@@ -54,13 +54,13 @@ def main(argv: list[str]) -> int:
         return run(str(BIN / "pointswitch"), "demo", *rest)
     if what == "test":
         for step in (
-            [str(BIN / "ruff"), "check", "src", "tests", "bench", "dev.py"],
+            [str(BIN / "ruff"), "check", *(p for p in ("src", "tests", "bench", "dev.py") if (ROOT / p).exists())],
             [str(BIN / "mypy"), "src/pointswitch"],
             [str(BIN / "python"), "-m", "pytest", *rest],
         ):
             code = run(*step)
             if code != 0:
-                print(f"dev.py test: {' '.join(Path(step[0]).name for _ in [0])} failed (exit {code})")
+                print(f"dev.py test: {Path(step[0]).name} failed (exit {code})")
                 return code
         return 0
     if what == "bench":

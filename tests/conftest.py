@@ -161,7 +161,7 @@ class Network:
 async def make_network(sut: SwitchUnderTest, *, terminals: int = 2, cards: int = 3, earn_rate: str = "1",
                        redeem_value: str = "1") -> Network:
     n = next(_ids)
-    merchant = f"M{n:014d}"
+    merchant = f"MT{n:013d}"
     other = f"N{n:014d}"
     con = await asyncpg.connect(sut.dsn)
     try:

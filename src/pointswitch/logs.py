@@ -32,13 +32,38 @@ def _mask(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
+# Fields never logged, whatever the level: track data, PIN data, keys, MACs, IC data.
+_REDACTED_FIELDS = {"35", "36", "45", "52", "55", "62", "64", "128"}
+# Fields that may hold a card number: masked to first 6 and last 4.
+_PAN_FIELDS = {"2", "48"}
+
+
+def masked_fields(fields: dict[str, str]) -> dict[str, str]:
+    """An ISO message as it may appear in a log line."""
+    out = {}
+    for key, value in fields.items():
+        if key in _REDACTED_FIELDS:
+            out[key] = f"[{len(value)} redacted]"
+        elif key in _PAN_FIELDS:
+            out[key] = mask_pan(value)
+        else:
+            out[key] = value
+    return out
+
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+# Set by configure(); lets hot paths skip building debug-only data.
+debug_enabled = False
+
+
 def configure(level: str = "info", *, json: bool | None = None, stream: Any = None) -> None:
+    global debug_enabled
     stream = stream or sys.stderr
     if level not in LEVELS:
         raise ValueError(f"log level is one of {', '.join(LEVELS)}")
+    debug_enabled = level == "debug"
     if json is None:
         json = not stream.isatty()
     renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)

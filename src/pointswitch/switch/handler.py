@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from .. import logs
 from ..codecs import DecodeFailure, Dialect, EncodeFailure
-from ..logs import mask_pan
+from ..logs import mask_pan, masked_fields
 from ..routing import Response, Router, Security, codes, error_response
 
 log = structlog.get_logger("pointswitch.switch")
@@ -46,6 +47,8 @@ class FrameHandler:
                 return Answer(None, answerable=False)
             return Answer(self._encode(response, failure.envelope))
         fields = message.fields
+        if logs.debug_enabled:
+            log.debug("request", listener=self.listener, peer=peer, iso=masked_fields(fields))
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 response = await self.router.handle(message, self.security)
@@ -56,6 +59,8 @@ class FrameHandler:
             log.exception("request failed", listener=self.listener, mti=fields.get("t"))
             response = error_response(fields, codes.SYSTEM_MALFUNCTION)
         self._log(fields, response, started, peer, op=response.op if response else "")
+        if response is not None and logs.debug_enabled:
+            log.debug("response", listener=self.listener, peer=peer, iso=masked_fields(response.fields))
         if response is None:
             return Answer(None, answerable=False)
         return Answer(self._encode(response, message.envelope))
