@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pointswitch import config as config_mod
-from pointswitch.simulators.terminal import TerminalClient
+from pointswitch.codecs import crypto
+from pointswitch.simulators.terminal import TerminalClient, TerminalError
 
 PS = [sys.executable, "-m", "pointswitch"]
 
@@ -212,3 +213,42 @@ def test_a_bad_config_file_is_refused_with_a_clear_message(tmp_path):
     result = _cli("serve", "--config", str(path), check=False)
     assert result.returncode != 0
     assert "max_conections" in result.stderr
+
+
+def test_an_external_database_without_the_master_key_is_refused(switch, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "POINTSWITCH_MASTER_KEY"}
+    result = subprocess.run([*PS, "serve", "--dsn", switch.dsn], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert "POINTSWITCH_MASTER_KEY" in result.stderr, result.stderr
+    wrong = _cli("admin", "terminal", "list", "--dsn", switch.dsn, check=False,
+                 env={"POINTSWITCH_MASTER_KEY": "11" * 32})
+    assert wrong.returncode != 0
+    assert "not the one this database's keys are sealed under" in wrong.stderr, wrong.stderr
+    assert "11" * 32 not in wrong.stderr, "the key itself is never printed"
+
+
+def test_terminal_master_key_printed_once_imported_and_rekeyed(switch, tmp_path, key_env):
+    db = ["--dsn", switch.dsn]
+    _cli("admin", "merchant", "add", "MKEY00000000001", "--name", "Keys", "--earn-rate", "1", *db, env=key_env)
+    shown = _cli("admin", "terminal", "add", "TKEY0001", "--merchant", "MKEY00000000001", *db, env=key_env).stdout
+    tmk, kcv = shown.split("terminal master key ")[1].split()[0], shown.split("check value ")[1].split()[0]
+    assert len(tmk) == 32 and kcv == crypto.check_value(bytes.fromhex(tmk)).hex().upper()[: len(kcv)]
+    listed = _cli("admin", "terminal", "list", "--merchant", "MKEY00000000001", "--json", *db, env=key_env).stdout
+    assert tmk not in listed, "the TMK is shown once, when created, never again"
+
+    imported = "0123456789ABCDEFFEDCBA9876543210"
+    added = json.loads(_cli("admin", "terminal", "add", "TKEY0002", "--merchant", "MKEY00000000001",
+                            "--tmk", imported, "--json", *db, env=key_env).stdout)
+    assert added["tmk"] == imported
+    rekeyed = json.loads(_cli("admin", "terminal", "rekey", "TKEY0001", "--json", *db, env=key_env).stdout)
+    assert rekeyed["tmk"] != tmk
+
+    port = switch.ports["cup"]
+
+    async def sign_on(key: str) -> str:
+        async with TerminalClient("127.0.0.1", port, "TKEY0001", "MKEY00000000001", tmk=bytes.fromhex(key)) as term:
+            return (await term.sign_on()).rc
+
+    assert asyncio.run(sign_on(rekeyed["tmk"])) == "00"
+    with pytest.raises(TerminalError, match="check value"):
+        asyncio.run(sign_on(tmk))  # working keys from the host do not open under the replaced master key
