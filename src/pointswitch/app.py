@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
@@ -15,11 +16,15 @@ import structlog
 
 from .codecs import dialect, framing
 from .config import Config, ConfigError, ListenerConfig
-from .ledger import Ledger
+from .ledger import Ledger, Operation, UsageRule
 from .ledger.database import EmbeddedServer, create_pool, migrate
+from .ledger.saf import ReversalQueue
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
 from .routing import Router, Security
+from .routing.table import Op
 from .switch import FrameHandler, Listener, Switch
+from .switch.forwarder import ReversalForwarder
+from .switch.upstream import Connector
 
 log = structlog.get_logger("pointswitch")
 
@@ -102,6 +107,8 @@ class Running:
     switch: Switch
     ledger: Ledger
     pool: asyncpg.Pool
+    connectors: dict[str, Connector]
+    forwarder: ReversalForwarder
 
     def address(self, listener: str) -> tuple[str, int]:
         host, port = self.switch.bound[listener]
@@ -112,8 +119,21 @@ class Running:
 async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterator[Running]:
     securities = {lc.name: listener_security(lc) for lc in config.listeners}
     async with database(config, dsn, vault) as pool:
-        ledger = Ledger(pool, vault, max_pin_tries=config.security.max_pin_tries)
-        router = Router(ledger)
+        usage = {
+            Operation.CASH_OUT: config.cash_out, Operation.INSURANCE: config.insurance,
+        }
+        rules = {op: UsageRule(Decimal(u.points_per_yuan), u.fee_points, u.min_amount_fen, u.daily_limit_fen)
+                 for op, u in usage.items()}
+        ledger = Ledger(pool, vault, max_pin_tries=config.security.max_pin_tries, usage=rules)
+        queue = ReversalQueue(ledger)
+        forwarder = ReversalForwarder(queue, {})
+        connectors = {c.name: Connector(c, on_late=forwarder.on_late) for c in config.connectors}
+        forwarder.connectors = dict(connectors)
+        carried = {Op.POINTS_TO_CARD: config.cash_out.connector, Op.INSURANCE: config.insurance.connector}
+        router = Router(ledger, {op: connectors[name] for op, name in carried.items() if name in connectors})
+        for connector in connectors.values():
+            connector.start()
+        forwarder.start()
         listeners = [
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
@@ -123,11 +143,16 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             for lc in config.listeners
         ]
         switch = Switch(listeners, config.limits)
-        await switch.start()
         try:
-            yield Running(switch, ledger, pool)
+            await switch.start()
+            try:
+                yield Running(switch, ledger, pool, connectors, forwarder)
+            finally:
+                await switch.stop()
         finally:
-            await switch.stop()
+            await forwarder.stop()
+            for connector in connectors.values():
+                await connector.stop()
 
 
 async def serve(config: Config, dsn: str, vault: Vault) -> None:

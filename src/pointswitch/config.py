@@ -14,6 +14,14 @@ Every limit is a named setting with a default (see docs/operator.md)::
     [limits]
     max_connections = 1024
 
+    [[connector]]              # upstream hosts: "bank" carries cash-out, "insurer" premiums
+    name = "bank"
+    host = "10.0.0.5"
+    port = 6000
+
+    [cash_out]
+    points_per_yuan = "100"
+
 Environment: POINTSWITCH_CONFIG (file), POINTSWITCH_DSN, POINTSWITCH_DATA_DIR,
 POINTSWITCH_LOG_LEVEL, POINTSWITCH_MASTER_KEY (hex), and POINTSWITCH_LIMITS_<NAME>,
 POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME> for any single setting of
@@ -24,8 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +106,56 @@ class SecurityConfig:
     max_pin_tries: int = 3  # wrong PINs in a row before the card is locked for PIN use
 
 
+@dataclass
+class ConnectorConfig:
+    """An upstream host (bank, insurer): persistent ISO 8583 connections out of the switch."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    dialect: str = "iso87"
+    framing: str = "ascii4"
+    connections: int = 2  # persistent connections, shared by all requests
+    connect_timeout_s: float = 3.0
+    response_timeout_s: float = 8.0  # past this a request is timed out: 98 to the terminal, reversal queued
+    echo_interval_s: float = 30.0  # an idle connection sends 0800 / 70 = 301 this often
+    echo_timeout_s: float = 5.0  # an echo unanswered this long drops the connection
+    backoff_initial_s: float = 0.5  # reconnect delay, doubled after each failure ...
+    backoff_max_s: float = 30.0  # ... up to this
+    max_in_flight: int = 512  # outstanding requests across the connector's connections
+    match_key: str = "11+41"  # how responses find their request: "11+41" or "37"
+    acquirer_id: str = "88880000001"  # field 32: this switch, as the upstream host knows it
+    reversal_retry_s: float = 2.0  # first retry of an unacknowledged reversal, doubled up to ...
+    reversal_retry_max_s: float = 60.0
+    reversal_max_age_s: float = 86400.0  # a reversal not acknowledged by then is expired for the operator
+    max_frame_bytes: int = 4096
+
+    def validate(self) -> None:
+        if self.dialect not in ("iso87", "cup"):
+            raise ConfigError(f"connector {self.name}: dialect is iso87 or cup")
+        if self.framing not in ("binary2", "ascii4"):
+            raise ConfigError(f"connector {self.name}: framing is binary2 or ascii4")
+        if self.match_key not in ("11+41", "37"):
+            raise ConfigError(f"connector {self.name}: match_key is \"11+41\" or \"37\"")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"connector {self.name}: port is required")
+        if self.connections < 1 or self.max_in_flight < 1:
+            raise ConfigError(f"connector {self.name}: connections and max_in_flight are at least 1")
+        if not re.fullmatch(r"[0-9]{1,11}", self.acquirer_id):
+            raise ConfigError(f"connector {self.name}: acquirer_id is 1 to 11 digits")
+
+
+@dataclass
+class UsageConfig:
+    """Points spent outside the network: the rate, fee and limits of one kind of usage."""
+
+    connector: str = ""  # the connector that carries it; empty = not offered (40)
+    points_per_yuan: str = "100"  # points needed for one yuan (100 fen); a decimal
+    fee_points: int = 0  # added to the points needed, per request
+    min_amount_fen: int = 100
+    daily_limit_fen: int = 50_000  # per card per day (host's local date)
+
+
 DEFAULT_LISTENERS = [
     ListenerConfig(name="cup", port=5000, dialect="cup", framing="binary2"),
     ListenerConfig(name="iso87", port=5001, dialect="iso87", framing="ascii4"),
@@ -108,6 +168,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    connectors: list[ConnectorConfig] = field(default_factory=list)
+    cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
+    insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
     log_level: str = "info"
 
     @property
@@ -155,7 +218,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
-    unknown = set(raw) - {"listener", "limits", "database", "security", "log_level"}
+    unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
+                          "log_level"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -165,7 +229,15 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
                 config.listeners.append(ListenerConfig(**item))
             except TypeError as exc:
                 raise ConfigError(f"[[listener]]: {exc}") from None
+    for item in raw.get("connector", []):
+        if "name" not in item:
+            raise ConfigError("[[connector]]: every connector has a name")
+        connector = ConnectorConfig(name=str(item["name"]))
+        _apply(connector, {k: v for k, v in item.items() if k != "name"}, f"connector {item['name']}")
+        config.connectors.append(connector)
     _apply(config.limits, raw.get("limits", {}), "limits")
+    _apply(config.cash_out, raw.get("cash_out", {}), "cash_out")
+    _apply(config.insurance, raw.get("insurance", {}), "insurance")
     _apply(config.database, raw.get("database", {}), "database")
     _apply(config.security, raw.get("security", {}), "security")
     if "log_level" in raw:
@@ -189,4 +261,16 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         raise ConfigError("listener names must be unique")
     for lst in config.listeners:
         lst.validate()
+    connector_names = [c.name for c in config.connectors]
+    if len(set(connector_names)) != len(connector_names):
+        raise ConfigError("connector names must be unique")
+    for conn in config.connectors:
+        conn.validate()
+    for section, usage in (("cash_out", config.cash_out), ("insurance", config.insurance)):
+        try:
+            rate = Decimal(usage.points_per_yuan)
+        except ArithmeticError:
+            raise ConfigError(f"[{section}] points_per_yuan: {usage.points_per_yuan!r} is not a number") from None
+        if rate <= 0 or usage.fee_points < 0 or usage.min_amount_fen < 1 or usage.daily_limit_fen < 0:
+            raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
     return config

@@ -5,7 +5,9 @@ field number. Every operation enters through :meth:`Ledger.execute`.
 """
 
 from .model import (
+    UPSTREAM_OPERATIONS,
     Command,
+    CompleteUpstream,
     GetSession,
     Inquire,
     KeyExchange,
@@ -20,12 +22,18 @@ from .model import (
     SignOff,
     SignOn,
     Status,
+    UpstreamLeg,
+    UsageRule,
     WrappedKey,
 )
 from .service import Ledger
 
 __all__ = [
+    "UPSTREAM_OPERATIONS",
     "Command",
+    "CompleteUpstream",
+    "UpstreamLeg",
+    "UsageRule",
     "GetSession",
     "KeyExchange",
     "KeyScheme",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
@@ -31,6 +32,12 @@ class Status(StrEnum):
     NO_MASTER_KEY = "no_master_key"
     WRONG_PIN = "wrong_pin"
     PIN_LOCKED = "pin_locked"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    # Points leaving through an upstream host.
+    PENDING = "pending"  # held, the upstream leg is under way
+    UPSTREAM_DECLINED = "upstream_declined"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
 
 
 class KeyScheme(StrEnum):
@@ -48,6 +55,12 @@ class Operation(StrEnum):
     VOID_ACCRUAL = "void_accrual"
     VOID_REDEMPTION = "void_redemption"
     REFUND = "refund"
+    CASH_OUT = "cash_out"  # points converted into money credited to a bank card
+    INSURANCE = "insurance"  # points paying an insurance premium
+
+
+# Operations whose value leaves the network through an upstream host: two-phase.
+UPSTREAM_OPERATIONS = {Operation.CASH_OUT, Operation.INSURANCE}
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,29 @@ class OriginalRef:
     batch: int
     trace: int
     rrn: str = ""
+
+
+@dataclass(frozen=True)
+class UsageRule:
+    """Rate, fee and limits of one kind of points usage outside the network."""
+
+    points_per_yuan: Decimal
+    fee_points: int = 0
+    min_amount_fen: int = 1
+    daily_limit_fen: int = 0
+
+
+@dataclass(frozen=True)
+class UpstreamLeg:
+    """Where a two-phase request goes, and what to send if it must be reversed.
+
+    ``reversal`` is opaque to the ledger (the switch's serialised message); the
+    ledger only keeps it sealed and hands it to the store-and-forward queue."""
+
+    connector: str
+    reference: str  # retrieval reference sent upstream
+    reversal: bytes = field(repr=False)
+    deadline_s: float = 30.0  # pending longer than this: timed out by the sweeper
 
 
 @dataclass(frozen=True)
@@ -139,16 +175,20 @@ class Posting(Command):
     # The clear PIN, decrypted from the PIN block; memory only, and not part of the
     # fingerprint (a stored hash of a 6-digit PIN would be guessable).
     pin: str | None = field(default=None, repr=False, compare=False)
+    counterparty: str = field(default="", repr=False)  # bank card number or policy number (upstream operations)
+    upstream: UpstreamLeg | None = field(default=None, compare=False)
 
     def fingerprint(self) -> bytes:
         """What must be equal for a retransmission to be the same request."""
-        content = {
+        content: dict[str, Any] = {
             "op": self.operation.value,
             "merchant": self.merchant_id,
             "card": self.card_number,
             "amount": self.amount_fen,
             "original": asdict(self.original) if self.original else None,
         }
+        if self.counterparty:
+            content["counterparty"] = self.counterparty
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).digest()
 
 
@@ -160,6 +200,20 @@ class Reverse(Command):
     card_number: str
     amount_fen: int
     operation: Operation
+
+
+@dataclass(frozen=True)
+class CompleteUpstream(Command):
+    """The upstream leg of the request under ``key`` ended: post or release its hold.
+
+    result: "approved", "declined" (the host said no), "unavailable" (never sent),
+    "timeout" or "lost" (sent, no answer: the hold is released and the stored
+    reversal is queued in the same transaction)."""
+
+    key: RequestKey
+    result: str
+    upstream_rc: str = ""
+    upstream_reference: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from ..ledger.model import Status
 
 APPROVED = "00"
 INVALID_MERCHANT = "03"
+REQUEST_IN_PROGRESS = "09"
 NOT_HONOURED = "05"
 INVALID_TRANSACTION = "12"
 INVALID_AMOUNT = "13"
@@ -17,6 +18,9 @@ FUNCTION_NOT_SUPPORTED = "40"
 INSUFFICIENT_POINTS = "51"
 WRONG_PIN = "55"
 PIN_TRIES_EXCEEDED = "75"
+EXCEEDS_LIMIT = "61"
+UPSTREAM_UNAVAILABLE = "91"
+UPSTREAM_TIMEOUT = "98"
 NOT_ALLOWED_AT_TERMINAL = "58"
 RESTRICTED_CARD = "62"
 AMOUNT_DIFFERS = "64"
@@ -44,7 +48,16 @@ FOR_STATUS: dict[Status, str] = {
     Status.NO_MASTER_KEY: NOT_ALLOWED_AT_TERMINAL,
     Status.WRONG_PIN: WRONG_PIN,
     Status.PIN_LOCKED: PIN_TRIES_EXCEEDED,
+    Status.LIMIT_EXCEEDED: EXCEEDS_LIMIT,
+    Status.PENDING: REQUEST_IN_PROGRESS,
+    Status.UPSTREAM_DECLINED: NOT_HONOURED,
+    Status.UPSTREAM_UNAVAILABLE: UPSTREAM_UNAVAILABLE,
+    Status.UPSTREAM_TIMEOUT: UPSTREAM_TIMEOUT,
 }
+
+# An upstream host's decline passed on to the terminal as it is, where the code
+# means the same to the terminal; any other decline becomes 05.
+UPSTREAM_PASS_THROUGH = {"05", "13", "14", "54", "57", "61", "62", "65"}
 
 # Codes whose response asks a cup terminal to sign on again (header processing requirement 3).
 SIGN_ON_AGAIN = {MAC_ERROR}

@@ -8,9 +8,12 @@ PIN) slot in between "check" and "execute".
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -30,6 +33,7 @@ from ..codecs.subfields import (
 )
 from ..ledger import (
     Command,
+    CompleteUpstream,
     GetSession,
     Inquire,
     KeyScheme,
@@ -44,8 +48,10 @@ from ..ledger import (
     SignOff,
     SignOn,
     Status,
+    UpstreamLeg,
 )
-from . import codes, table
+from . import codes, legs, table
+from .legs import UpstreamLost, UpstreamPort, UpstreamTimeout, UpstreamUnavailable
 from .table import Op, Route
 
 # Fields a response copies from its request (PROTOCOL: the terminal checks 3, 4, 11, 41, 42).
@@ -57,7 +63,12 @@ _OPERATION = {
     Op.VOID_ACCRUAL: Operation.VOID_ACCRUAL,
     Op.VOID_REDEMPTION: Operation.VOID_REDEMPTION,
     Op.REFUND: Operation.REFUND,
+    Op.POINTS_TO_CARD: Operation.CASH_OUT,
+    Op.INSURANCE: Operation.INSURANCE,
 }
+
+_BANK_CARD = re.compile(r"[0-9]{12,19}")
+_POLICY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,39}")
 
 
 log = structlog.get_logger("pointswitch.routing")
@@ -103,8 +114,11 @@ def error_response(request: Fields, code: str) -> Response | None:
 
 
 class Router:
-    def __init__(self, ledger: Ledger):
+    def __init__(self, ledger: Ledger, connectors: Mapping[Op, UpstreamPort] | None = None):
+        """``connectors``: the upstream host that carries each two-phase operation;
+        an operation with none is answered 40."""
         self._ledger = ledger
+        self._connectors = dict(connectors or {})
 
     async def handle(self, message: Message, security: Security | None = None) -> Response | None:
         """Answer one decoded request; None when it cannot be answered at all."""
@@ -120,7 +134,7 @@ class Router:
         route = table.find(request, f60.txn_type, network_code)
         if route is None:
             return error_response(request, codes.INVALID_TRANSACTION)
-        if not route.supported:
+        if not route.supported or (route.op in table.UPSTREAM and route.op not in self._connectors):
             return self._with_op(error_response(request, codes.FUNCTION_NOT_SUPPORTED), route)
         if any(f not in request for f in route.required):
             return self._with_op(error_response(request, codes.FORMAT_ERROR), route)
@@ -158,8 +172,59 @@ class Router:
             return self._with_sign(self._decline(request, route, Status.UNKNOWN_CARD), mac_fn)
         if route.pin and isinstance(command, Inquire | Posting):
             command = replace(command, pin_required=True, pin=_pin(request, session))
-        outcome = await self._ledger.execute(command)
+        if route.op in table.UPSTREAM and isinstance(command, Posting):
+            outcome = await self._two_phase(command, self._connectors[route.op], insurance=route.op is Op.INSURANCE)
+        else:
+            outcome = await self._ledger.execute(command)
         return self._with_sign(self._respond(request, outcome, route, f60), mac_fn)
+
+    async def _two_phase(self, command: Posting, connector: UpstreamPort, *, insurance: bool) -> Outcome:
+        """Hold the points, send the second leg, then post or release. Nothing is held
+        when the host is unreachable; an unanswered leg is released and reversed."""
+        if not connector.available:
+            log.warning("upstream host unavailable", connector=connector.name, terminal=command.terminal_id)
+            return Outcome(Status.UPSTREAM_UNAVAILABLE, host_time=_now())
+        leg = legs.second_leg(insurance=insurance, counterparty=command.counterparty, amount_fen=command.amount_fen,
+                              stan=connector.next_stan(), terminal=command.terminal_id, merchant=command.merchant_id,
+                              acquirer_id=connector.acquirer_id)
+        reversal = json.dumps(legs.reversal_of(leg)).encode()
+        # Past this, a request still pending is timed out by the forwarder's sweep
+        # (for instance when this process stopped while the leg was out).
+        deadline_s = connector.response_timeout_s * 2 + 5
+        command = replace(command, upstream=UpstreamLeg(connector.name, leg["37"], reversal, deadline_s))
+        held = await self._ledger.execute(command)
+        if held.status is not Status.PENDING:
+            return held  # declined before anything left, or a retransmission of a finished request
+        if held.replayed:
+            return await self._wait_for_completion(command, deadline_s)
+        result, rc, reference = "approved", "", ""
+        try:
+            reply = await connector.request(leg)
+        except UpstreamUnavailable:
+            result = "unavailable"
+        except UpstreamTimeout:
+            result = "timeout"
+        except UpstreamLost:
+            result = "lost"
+        else:
+            rc = reply.get("39", "")
+            reference = (reply.get("63") or reply.get("38") or "").strip()
+            if rc != codes.APPROVED:
+                result = "declined"
+        return await self._ledger.execute(
+            CompleteUpstream(command.terminal_id, command.merchant_id, command.key, result, rc, reference))
+
+    async def _wait_for_completion(self, command: Posting, deadline_s: float) -> Outcome:
+        """A retransmission of a request whose upstream leg is still out: answer when it ends."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + deadline_s
+        outcome = Outcome(Status.PENDING, host_time=_now())
+        while loop.time() < until:
+            await asyncio.sleep(0.1)
+            outcome = await self._ledger.execute(command)
+            if outcome.status is not Status.PENDING:
+                break
+        return outcome
 
     def _decline(self, request: Fields, route: Route, status: Status) -> Response | None:
         return self._with_op(error_response(request, codes.FOR_STATUS[status]), route)
@@ -197,7 +262,13 @@ class Router:
             f61 = parse_61(req["61"])
             rrn = req.get("37", "").strip() if route.op is not Op.REFUND else ""
             original = OriginalRef(int(f61.batch), int(f61.trace), rrn)
-        return Posting(terminal, merchant, key, card, amount_fen, operation, original)
+        counterparty = ""
+        if route.op in table.UPSTREAM:
+            counterparty = req["48"].strip()
+            pattern = _POLICY if route.op is Op.INSURANCE else _BANK_CARD
+            if not pattern.fullmatch(counterparty):
+                raise FormatError("field 48 is not a bank card number or policy number")
+        return Posting(terminal, merchant, key, card, amount_fen, operation, original, counterparty=counterparty)
 
     # -- outcome -> response ----------------------------------------------------
     def _respond(self, req: Fields, outcome: Outcome, route: Route, f60: Field60) -> Response:
@@ -206,6 +277,9 @@ class Router:
         fields: Fields = {k: req[k] for k in ECHO if k in req}
         fields["t"] = mti
         fields["39"] = codes.FOR_STATUS[outcome.status]
+        upstream_rc = outcome.extra.get("upstream_rc", "")
+        if outcome.status is Status.UPSTREAM_DECLINED and upstream_rc in codes.UPSTREAM_PASS_THROUGH:
+            fields["39"] = upstream_rc
         host_time = datetime.fromisoformat(outcome.host_time) if outcome.host_time else datetime.now()
         fields["12"] = host_time.strftime("%H%M%S")
         fields["13"] = host_time.strftime("%m%d")
@@ -231,7 +305,9 @@ class Router:
             if outcome.cash_value_fen is not None:
                 balances.append(Balance(outcome.cash_value_fen, CURRENCY_CNY))
             fields["54"] = render_54(balances)
-        if outcome.approved and route.op is not Op.INQUIRY:
+        if outcome.approved and route.op is Op.INSURANCE:
+            fields["63"] = outcome.extra.get("upstream_reference", "")[:163] or str(outcome.points_moved)
+        elif outcome.approved and route.op is not Op.INQUIRY:
             fields["63"] = str(outcome.points_moved)
         return Response(fields, op=route.op.value)
 

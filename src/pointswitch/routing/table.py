@@ -46,14 +46,17 @@ FINANCIAL: dict[tuple[str, str, str, str], Route] = {
     ("0220", "20", "00", "25"): Route(Op.REFUND, _FIN + _CARD + ("4", "61")),
     ("0200", "00", "00", "51"): Route(Op.REDEEM, _FIN + _CARD + ("4",), pin=True),
     ("0200", "20", "00", "52"): Route(Op.VOID_REDEMPTION, _FIN + _CARD + ("4", "61")),
-    ("0200", "40", "00", "53"): Route(Op.POINTS_TO_CARD, _FIN + _CARD + ("4", "48"), supported=False, pin=True),
-    ("0200", "50", "00", "54"): Route(Op.INSURANCE, _FIN + _CARD + ("4", "48"), supported=False, pin=True),
+    ("0200", "40", "00", "53"): Route(Op.POINTS_TO_CARD, _FIN + _CARD + ("4", "48"), pin=True),
+    ("0200", "50", "00", "54"): Route(Op.INSURANCE, _FIN + _CARD + ("4", "48"), pin=True),
 }
 
 NETWORK_OPS = {Op.SIGN_ON, Op.SIGN_OFF, Op.ECHO, Op.SETTLEMENT, Op.BATCH_UPLOAD}
 
 # Operations a reversal may undo.
-REVERSIBLE = {Op.ACCRUE, Op.VOID_ACCRUAL, Op.REFUND, Op.REDEEM, Op.VOID_REDEMPTION}
+REVERSIBLE = {Op.ACCRUE, Op.VOID_ACCRUAL, Op.REFUND, Op.REDEEM, Op.VOID_REDEMPTION, Op.POINTS_TO_CARD, Op.INSURANCE}
+
+# Operations carried to an upstream host (two-phase: hold, send, post or release).
+UPSTREAM = {Op.POINTS_TO_CARD, Op.INSURANCE}
 
 # (MTI, network management code) -> route
 NETWORK: dict[tuple[str, str], Route] = {

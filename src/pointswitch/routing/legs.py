@@ -1,0 +1,105 @@
+"""Second legs: the ISO 8583 messages pointswitch sends to upstream hosts.
+
+A points-to-card request becomes a credit to the bank card at the ``bank``
+host; a premium payment becomes a payment at the ``insurer`` host. Both are
+iso87 0200 requests with a fresh trace (11) and retrieval reference (37); the
+reversal that may follow is built at the same time, kept sealed with the
+request, and sent as 0400 (first try) then 0420 (repeats) until acknowledged.
+docs/upstream.md describes both sides for a host's implementers.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Protocol
+
+from ..codecs import Fields
+
+# Processing codes of the second leg.
+PROC_CARD_CREDIT = "260000"  # credit to the cardholder's account (cash-out of points)
+PROC_PREMIUM_PAYMENT = "500000"  # payment (insurance premium)
+CURRENCY_CNY = "156"
+
+
+class UpstreamError(Exception):
+    pass
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The request was not sent."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The request was sent and no answer came in time."""
+
+
+class UpstreamLost(UpstreamError):
+    """The request was sent and its link broke before the answer came."""
+
+
+class UpstreamPort(Protocol):
+    """What routing needs of a connector (``switch.upstream.Connector``)."""
+
+    name: str
+
+    @property
+    def available(self) -> bool: ...
+
+    @property
+    def response_timeout_s(self) -> float: ...
+
+    @property
+    def acquirer_id(self) -> str: ...
+
+    def next_stan(self) -> str: ...
+
+    async def request(self, fields: Fields, *, timeout_s: float | None = None) -> Fields: ...
+
+
+def retrieval_reference(now: datetime, stan: str) -> str:
+    """Field 37 the usual way: last digit of the year, day of the year, hour, trace (12)."""
+    return f"{now:%y}"[-1] + f"{now.timetuple().tm_yday:03d}{now:%H}" + stan
+
+
+def second_leg(*, insurance: bool, counterparty: str, amount_fen: int, stan: str, terminal: str, merchant: str,
+               acquirer_id: str, now: datetime | None = None) -> Fields:
+    """The 0200 for the host: bank card credit (field 2 = bank card) or premium
+    payment (field 48 = policy number)."""
+    now = now or datetime.now(UTC)
+    local = now.astimezone()
+    fields: Fields = {
+        "t": "0200",
+        "3": PROC_PREMIUM_PAYMENT if insurance else PROC_CARD_CREDIT,
+        "4": f"{amount_fen:012d}",
+        "7": now.strftime("%m%d%H%M%S"),
+        "11": stan,
+        "12": local.strftime("%H%M%S"),
+        "13": local.strftime("%m%d"),
+        "32": acquirer_id,
+        "37": retrieval_reference(now, stan),
+        "41": terminal.ljust(8),
+        "42": merchant.ljust(15),
+        "49": CURRENCY_CNY,
+    }
+    if insurance:
+        fields["48"] = counterparty
+    else:
+        fields["2"] = counterparty
+    return fields
+
+
+def reversal_of(request: Fields) -> Fields:
+    """The 0400 that undoes ``request``: same 2/3/4/11/32/37/41/42/48/49, and field 90
+    = original MTI + trace + transmission time + acquirer id + forwarding id (zeros)."""
+    fields = {k: v for k, v in request.items() if k in ("2", "3", "4", "11", "32", "37", "41", "42", "48", "49")}
+    fields["t"] = "0400"
+    fields["90"] = request["t"] + request["11"] + request["7"] + request["32"].zfill(11) + "0" * 11
+    return fields
+
+
+def repeat_of(reversal: Fields, attempt: int) -> Fields:
+    """Attempt 1 is the 0400; later attempts are 0420 repeats, with a fresh field 7."""
+    fields = dict(reversal)
+    fields["t"] = "0400" if attempt <= 1 else "0420"
+    fields["7"] = datetime.now(UTC).strftime("%m%d%H%M%S")
+    return fields
