@@ -324,10 +324,24 @@ async def check_invariants(con: asyncpg.Connection) -> list[str]:
         problems.append(f"{negative} cards have a negative balance")
     orphans = await con.fetchval(
         "SELECT count(*) FROM postings p JOIN requests r USING (request_id)"
-        " WHERE r.state <> 'approved'"
+        " WHERE r.state <> 'approved' AND p.reason NOT IN ('hold', 'release')"
     )
     if orphans:
         problems.append(f"{orphans} postings belong to requests that were not approved")
+    # Two-phase requests: points on hold are exactly those of pending requests, and
+    # every declined request gave back what it held.
+    held = await con.fetchval(
+        "SELECT coalesce(sum(balance_points), 0) FROM account_balances WHERE kind = 'operator' AND owner = 'holds'")
+    pending = await con.fetchval("SELECT coalesce(sum(points), 0) FROM requests WHERE state = 'pending'")
+    if held != pending:
+        problems.append(f"{held} points on hold but pending requests hold {pending}")
+    unreleased = await con.fetchval(
+        "SELECT count(*) FROM requests r WHERE r.state = 'declined'"
+        " AND EXISTS (SELECT 1 FROM postings p WHERE p.request_id = r.request_id AND p.reason = 'hold')"
+        " AND NOT EXISTS (SELECT 1 FROM postings p WHERE p.request_id = r.request_id AND p.reason = 'release')"
+    )
+    if unreleased:
+        problems.append(f"{unreleased} declined requests still hold points")
     unposted = await con.fetchval(
         "SELECT count(*) FROM requests r WHERE r.state = 'approved' AND r.points > 0"
         " AND r.operation <> 'inquiry'"

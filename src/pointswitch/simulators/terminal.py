@@ -16,7 +16,7 @@ from ..codecs.cup import Envelope
 from ..codecs.subfields import Field60, parse_54, parse_62
 
 FINANCIAL_MTIS = {"0200", "0220", "0400", "0420"}
-PIN_OPS = {"inquiry", "redeem"}
+PIN_OPS = {"inquiry", "redeem", "cash_out", "insurance"}
 
 # 60.1 transaction types and processing codes of PROTOCOL.md
 OPS: dict[str, tuple[str, str, str]] = {
@@ -27,6 +27,8 @@ OPS: dict[str, tuple[str, str, str]] = {
     "refund": ("0220", "200000", "25"),
     "redeem": ("0200", "000000", "51"),
     "void_redemption": ("0200", "200000", "52"),
+    "cash_out": ("0200", "400000", "53"),  # points to a UnionPay card: 48 = the bank card
+    "insurance": ("0200", "500000", "54"),  # points for a premium: 48 = the policy number
 }
 
 
@@ -315,6 +317,14 @@ class TerminalClient:
 
     async def redeem(self, card: str, amount_fen: int, *, pin: str | None = None) -> Reply:
         return await self.send(self.request("redeem", card, amount_fen, pin=pin))
+
+    async def cash_out(self, card: str, amount_fen: int, bank_card: str, *, pin: str | None = None) -> Reply:
+        """Convert points into ``amount_fen`` credited to ``bank_card`` (through the bank host)."""
+        return await self.send(self.request("cash_out", card, amount_fen, pin=pin, **{"48": bank_card}))
+
+    async def insurance(self, card: str, premium_fen: int, policy: str, *, pin: str | None = None) -> Reply:
+        """Pay ``premium_fen`` of the premium of ``policy`` with points (through the insurer host)."""
+        return await self.send(self.request("insurance", card, premium_fen, pin=pin, **{"48": policy}))
 
     async def void(self, original: Reply) -> Reply:
         """Void an accrual or a redemption of this batch, by its reply."""
