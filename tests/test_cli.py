@@ -186,6 +186,8 @@ def test_demo_runs_the_scenario_and_the_invariants_hold(tmp_path):
     assert "ledger invariants hold" in result.stdout
     assert "FAIL" not in result.stdout
     assert "6288880000000000017" not in result.stdout + result.stderr
+    assert "6222020000000000018" not in result.stdout + result.stderr, "bank card numbers are masked too"
+    assert "bank host: credited 1.00 yuan net (2 credits, 1 reversed)" in result.stdout
 
 
 def test_config_file_and_environment(tmp_path):

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
@@ -177,6 +178,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
         return 0 if not problems else 1
     elif what == "seed":
         result = _with_db(args, lambda c, v: _seed(c, v, args))
+    elif what == "connectors":
+        result = _with_db(args, lambda c, v: admin.connectors(c))
+        _print(result, args.json, _connectors_text)
+        return 0
     else:  # pragma: no cover - argparse prevents it
         return EXIT_USAGE
     if isinstance(result, dict) and "tmk" in result and not args.json:
@@ -185,6 +190,23 @@ def cmd_admin(args: argparse.Namespace) -> int:
         result = {k: v for k, v in result.items() if k not in ("tmk",)}
     _print(result, args.json)
     return 0
+
+
+def _connectors_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no connector has reported (none configured, or the switch has not run)"
+    lines = []
+    for r in rows:
+        st, rev = r["state"], r["state"].get("reversals", {})
+        lines.append(
+            f"{r['name']:<10} {st['host']}:{st['port']}  links {st['links_up']}/{st['links']}  in flight"
+            f" {st['in_flight']}  sent {st['sent']}  timeouts {st['timeouts']}  late {st['late']}"
+            f"  last echo {st['last_echo_ok'] or '-'}  reversals pending {rev.get('pending', 0)}"
+            f" expired {rev.get('expired', 0)}  (as of {r['updated_at']})"
+        )
+        if st.get("last_error"):
+            lines.append(f"{'':<10} last error: {st['last_error']}")
+    return "\n".join(lines)
 
 
 async def _seed(con: Any, vault: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -230,9 +252,18 @@ async def _seed(con: Any, vault: Any, args: argparse.Namespace) -> dict[str, Any
 # -- demo ---------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from .app import install_uvloop, resolve_dsn, running_switch
-    from .config import ListenerConfig
+    from .config import ConnectorConfig, ListenerConfig, UsageConfig
     from .ledger import admin
-    from .simulators.scenario import DEMO_CARD, DEMO_MERCHANTS, DEMO_PIN, ScenarioFailed, Step, run_scenario
+    from .simulators.host import HostSimulator, Rule
+    from .simulators.scenario import (
+        DEMO_CARD,
+        DEMO_MERCHANTS,
+        DEMO_PIN,
+        DEMO_SLOW_BANK_CARD,
+        ScenarioFailed,
+        Step,
+        run_scenario,
+    )
     from .simulators.terminal import describe
 
     data_dir = Path(args.data_dir or "var/demo")
@@ -243,7 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.database.data_dir = str(data_dir)
     cfg.listeners = [ListenerConfig("cup", 0, "cup", "binary2", host="127.0.0.1"),
                      ListenerConfig("iso87", 0, "iso87", "ascii4", host="127.0.0.1")]
-    logs.configure(args.log_level or "warning")
+    logs.configure(args.log_level or "error")  # the scenario prints what happens; --log-level shows more
     print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
     dsn, embedded = resolve_dsn(cfg)
     vault = _vault(cfg, True)  # the demo's own master key, generated into its data folder
@@ -264,6 +295,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {mark} rc {d['rc']}  {moved}  {shown:<13} {step.title}", flush=True)
 
     async def run() -> int:
+        bank = await HostSimulator("bank", rules=[Rule(action="approve", delay_s=1.5, card=DEMO_SLOW_BANK_CARD)],
+                                   ledger_file=data_dir / "bank-ledger.jsonl").start()
+        insurer = await HostSimulator("insurer", ledger_file=data_dir / "insurer-ledger.jsonl").start()
+        quick: dict[str, Any] = {"response_timeout_s": 1.0, "reversal_retry_s": 0.2, "backoff_initial_s": 0.1}
+        cfg.connectors = [ConnectorConfig("bank", port=bank.port, **quick),
+                          ConnectorConfig("insurer", port=insurer.port, **quick)]
+        cfg.cash_out = UsageConfig(connector="bank", points_per_yuan="100", min_amount_fen=10)
+        cfg.insurance = UsageConfig(connector="insurer", points_per_yuan="100", min_amount_fen=10)
+        try:
+            return await run_with_hosts(bank, insurer)
+        finally:
+            await bank.stop()
+            await insurer.stop()
+
+    async def run_with_hosts(bank: HostSimulator, insurer: HostSimulator) -> int:
         async with running_switch(cfg, dsn, vault) as running:
             tmks: dict[str, bytes] = {}
             async with running.pool.acquire() as con:
@@ -273,14 +319,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     tmks[tid] = bytes.fromhex(added["tmk"])  # "loaded into the terminal"
                 await admin.add_card(con, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
             host, port = running.address("cup")
-            print(f"switch listening: cup on {host}:{port}, iso87 on {running.address('iso87')[1]}")
+            for connector in running.connectors.values():
+                await connector.wait_available(5)
+            print(f"switch listening: cup on {host}:{port}, iso87 on {running.address('iso87')[1]};"
+                  f" bank host on {bank.port}, insurer host on {insurer.port}")
             print(f"demo network: {len(DEMO_MERCHANTS)} merchants, card {DEMO_CARD[:6]}*********{DEMO_CARD[-4:]}\n")
             try:
-                await run_scenario(host, port, tmks, DEMO_CARD, report=show)
+                await run_scenario(host, port, tmks, DEMO_CARD, report=show, upstream=True)
             except ScenarioFailed as exc:
                 print(f"\nscenario failed: {exc}")
                 return 1
             async with running.pool.acquire() as con:
+                for _ in range(100):  # the late answer's reversal is stored and forwarded: wait for the ack
+                    owed = await con.fetchval("SELECT count(*) FROM upstream_reversals WHERE state <> 'acknowledged'")
+                    if not owed:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.0)  # and for the bank's late answer, which changes nothing
+                reversals = await con.fetch("SELECT reason, state, attempts FROM upstream_reversals")
                 problems = await admin.check_invariants(con)
                 card = await admin.show_card(con, DEMO_CARD, postings_limit=0)
                 merchants = await admin.list_merchants(con)
@@ -288,6 +344,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             for m in merchants:
                 print(f"  {m['merchant_id']}  {m['name']:<12} issued {m['points_issued']:>4}"
                       f"  redeemed {m['points_redeemed']:>4}")
+            for r in reversals:
+                print(f"\nreversal owed to the bank ({r['reason']}): {r['state']} after {r['attempts']} attempt(s)")
+            print(f"bank host: credited {bank.net_fen() / 100:.2f} yuan net ({len(bank.entries)} credits,"
+                  f" {sum(e.reversed for e in bank.entries.values())} reversed);"
+                  f" insurer host: collected {insurer.net_fen() / 100:.2f} yuan")
             print(f"card balance {card['points_balance']} points;",
                   "ledger invariants hold" if not problems else f"INVARIANTS BROKEN: {problems}")
             return 0 if not problems else 1
@@ -304,6 +365,34 @@ def _state_path(terminal: str) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_state_dir("pointswitch")) / "sim-terminals" / f"{terminal}.json"
+
+
+def cmd_sim_host(args: argparse.Namespace) -> int:
+    from .simulators.host import HostSimulator, Rule, load_rules
+
+    rules = load_rules(args.rules) if args.rules else []
+    field = "card" if args.kind == "bank" else "policy"
+    rules += [Rule(action="decline", rc="05", **{field: value}) for value in args.decline]
+    if args.decline_amount_over is not None:
+        rules.append(Rule(action="decline", rc="61", amount_over=args.decline_amount_over))
+    if args.delay:
+        rules.append(Rule(action="approve", delay_s=args.delay))
+    host = HostSimulator(args.kind, args.host, args.port, args.framing, rules,
+                         Path(args.ledger) if args.ledger else None, answer_reversals=not args.no_reversal_ack,
+                         drop_every=args.drop_every)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with host:
+            print(f"{args.kind} simulator on {args.host}:{host.port} ({len(rules)} rules)", flush=True)
+            await stop.wait()
+        print(f"{args.kind} simulator stopped: {len(host.entries)} entries, net {host.net_fen()} fen", flush=True)
+
+    asyncio.run(run())
+    return 0
 
 
 def cmd_sim_terminal(args: argparse.Namespace) -> int:
@@ -340,6 +429,10 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
                 reply = await client.accrue(args.card, args.amount, tamper=args.tamper)
             elif op == "redeem":
                 reply = await client.send(client.request("redeem", args.card, args.amount), tamper=args.tamper)
+            elif op == "cash-out":
+                reply = await client.cash_out(args.card, args.amount, args.bank_card)
+            elif op == "insurance":
+                reply = await client.insurance(args.card, args.amount, args.policy)
             else:
                 original = state["history"].get(f"{int(args.trace):06d}")
                 if original is None:
@@ -477,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("card_number")
     sp.add_argument("--postings", type=int, default=50, help="how many recent postings")
 
+    sp = admin_cmd(asub, "connectors", "upstream connectors as the running switch last reported them")
+    sp.set_defaults(action="list")
     sp = admin_cmd(asub, "check", "verify the ledger invariants")
     sp.set_defaults(action="check")
     sp = admin_cmd(asub, "seed", "create a load-test merchant, terminals and cards")
@@ -493,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("sim", help="simulators").add_subparsers(dest="sim", required=True)
     st = sim.add_parser("terminal", help="a UnionPay-style POS terminal")
     st.add_argument("op", choices=["sign-on", "sign-off", "echo", "inquiry", "accrue", "redeem",
-                                   "void", "refund", "reverse"])
+                                   "cash-out", "insurance", "void", "refund", "reverse"])
     st.add_argument("--host", default=os.environ.get("POINTSWITCH_HOST", "127.0.0.1"))
     st.add_argument("--port", type=int, default=5000)
     st.add_argument("--dialect", default="cup", choices=["cup", "iso87"])
@@ -503,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--card", help="card number (field 2)")
     st.add_argument("--amount", type=_yuan_to_fen, help="amount in yuan, e.g. 12.50")
     st.add_argument("--trace", help="trace of the original (void, refund, reverse)")
+    st.add_argument("--bank-card", help="the bank card to credit (cash-out, field 48)")
+    st.add_argument("--policy", help="the policy whose premium is paid (insurance, field 48)")
     st.add_argument("--tmk", help="load this terminal master key (32 hex digits); kept in the terminal's state")
     st.add_argument("--pin", help="the member's PIN, typed on the PIN pad (inquiry, redeem)")
     st.add_argument("--key-scheme", default="003", choices=["001", "003", "004"], help="sign-on 60.3")
@@ -511,6 +608,22 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=10.0)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_sim_terminal)
+
+    for kind in ("bank", "insurer"):
+        sh = sim.add_parser(kind, help=f"an upstream {kind} host (iso87) that pointswitch connects to")
+        sh.add_argument("--host", default="127.0.0.1")
+        sh.add_argument("--port", type=int, default=6000 if kind == "bank" else 6001)
+        sh.add_argument("--framing", default="ascii4", choices=["binary2", "ascii4"])
+        sh.add_argument("--rules", help="TOML file of [[rule]] tables (action, rc, delay_s, card, policy, amount_over,"
+                                        " times)")
+        sh.add_argument("--decline-card" if kind == "bank" else "--decline-policy", action="append", default=[],
+                        dest="decline", help="decline requests for this card / policy (05); repeatable")
+        sh.add_argument("--decline-amount-over", type=int, help="decline amounts above this many fen (61)")
+        sh.add_argument("--delay", type=float, default=0.0, help="answer every request this many seconds late")
+        sh.add_argument("--drop-every", type=int, default=0, help="never answer every Nth request")
+        sh.add_argument("--no-reversal-ack", action="store_true", help="receive reversals but never acknowledge")
+        sh.add_argument("--ledger", help="append what is credited / collected and reversed to this JSON-lines file")
+        sh.set_defaults(func=cmd_sim_host, kind=kind)
 
     sl = sim.add_parser("load", help="load generator")
     sl.add_argument("--host", default="127.0.0.1")
@@ -537,10 +650,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "sim" and args.sim == "terminal":
-        needs_card = args.op in ("inquiry", "accrue", "redeem")
+        needs_card = args.op in ("inquiry", "accrue", "redeem", "cash-out", "insurance")
         if needs_card and not args.card:
             sys.exit("pointswitch: --card is required for " + args.op)
-        if args.op in ("accrue", "redeem", "refund") and args.amount is None:
+        if args.op == "cash-out" and not args.bank_card:
+            sys.exit("pointswitch: --bank-card is required for cash-out")
+        if args.op == "insurance" and not args.policy:
+            sys.exit("pointswitch: --policy is required for insurance")
+        if args.op in ("accrue", "redeem", "refund", "cash-out", "insurance") and args.amount is None:
             sys.exit("pointswitch: --amount is required for " + args.op)
         if args.op in ("void", "refund", "reverse") and not args.trace:
             sys.exit("pointswitch: --trace of the original is required for " + args.op)

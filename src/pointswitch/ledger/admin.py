@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 from decimal import Decimal, InvalidOperation
@@ -350,3 +351,11 @@ async def check_invariants(con: asyncpg.Connection) -> list[str]:
     if unposted:
         problems.append(f"{unposted} approved requests that moved points have no posting")
     return problems
+
+
+async def connectors(con: asyncpg.Connection) -> list[dict[str, Any]]:
+    """What each connector of the running switch last reported: links, requests in
+    flight, last echo, reversals owed."""
+    rows = await con.fetch("SELECT name, state, updated_at FROM connector_status ORDER BY name")
+    return [{"name": r["name"], "state": json.loads(r["state"]),
+             "updated_at": r["updated_at"].isoformat(timespec="seconds")} for r in rows]

@@ -87,6 +87,7 @@ class HostSimulator:
     rules: list[Rule] = field(default_factory=list)
     ledger_file: Path | None = None
     answer_reversals: bool = True  # False: reversals are received but never acknowledged
+    drop_every: int = 0  # never answer every Nth financial request (0: none)
     entries: dict[str, Entry] = field(default_factory=dict)  # by retrieval reference
     received: list[Fields] = field(default_factory=list)  # every request, in arrival order
     _reversed_unseen: set[str] = field(default_factory=set)
@@ -181,7 +182,8 @@ class HostSimulator:
         return reply
 
     def _decide(self, fields: Fields, rule: Rule | None) -> Fields | None:
-        if rule is not None and rule.action == "drop":
+        dropped = self.drop_every > 0 and len(self.requests("0200")) % self.drop_every == 0
+        if dropped or (rule is not None and rule.action == "drop"):
             log.info("host simulator: dropping a request", kind=self.kind, trace=fields.get("11"))
             return None
         reply: Fields = {k: fields[k] for k in _ECHOED if k in fields}

@@ -13,6 +13,9 @@ from .terminal import Reply, TerminalClient
 
 DEMO_CARD = "6288880000000000017"
 DEMO_PIN = "246810"
+DEMO_BANK_CARD = "6222020000000000018"  # the member's UnionPay card
+DEMO_SLOW_BANK_CARD = "6222020000000000026"  # the bank simulator answers for this one too late
+DEMO_POLICY = "2026000123456"
 DEMO_MERCHANTS = [
     # merchant id, name, earn rate (points per yuan), terminal id
     ("M00000000000001", "Tea House", "1", "TA000001"),
@@ -40,7 +43,8 @@ class ScenarioFailed(AssertionError):
 
 
 async def run_scenario(host: str, port: int, tmks: dict[str, bytes], card: str = DEMO_CARD,
-                       report: Callable[[Step], None] = lambda step: None, pin: str = DEMO_PIN) -> list[Step]:
+                       report: Callable[[Step], None] = lambda step: None, pin: str = DEMO_PIN,
+                       upstream: bool = False) -> list[Step]:
     """Drive the demo network. ``tmks`` are the terminals' master keys (terminal id ->
     key), as loaded into each terminal when it was installed."""
     steps: list[Step] = []
@@ -92,6 +96,13 @@ async def run_scenario(host: str, port: int, tmks: dict[str, bytes], card: str =
               await c.accrue(card, 100000, tamper=True), rc="A0")
         check("the terminal signs on again as asked (new working keys)", await c.sign_on())
         check("balance unchanged", await c.inquiry(card), balance=start + 167)
+        if upstream:  # points leaving the network (100 points a yuan)
+            check("convert 100 points into 1.00 yuan on the member's UnionPay card (through the bank host)",
+                  await c.cash_out(card, 100, DEMO_BANK_CARD), balance=start + 67)
+            check("pay 0.50 yuan of an insurance premium with points (through the insurer host)",
+                  await c.insurance(card, 50, DEMO_POLICY), balance=start + 17)
+            check("cash out 0.10 yuan: the bank answers too late, 98, the points come back at once",
+                  await c.cash_out(card, 10, DEMO_SLOW_BANK_CARD), rc="98", balance=start + 17)
     finally:
         for term in (a, b, c):
             await term.close()
