@@ -37,14 +37,14 @@ def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> s
 
 class Server:
     def __init__(self, tmp: Path, *, dsn: str | None, data_dir: Path | None = None, log_level: str = "info",
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, extra_config: str = ""):
         self.cup, self.iso = _free_port(), _free_port()
         self.config = tmp / "pointswitch.toml"
         self.config.write_text(
             f'[[listener]]\nname = "cup"\nport = {self.cup}\nhost = "127.0.0.1"\ndialect = "cup"\n'
             f'framing = "binary2"\n\n'
             f'[[listener]]\nname = "iso87"\nport = {self.iso}\nhost = "127.0.0.1"\ndialect = "iso87"\n'
-            f'framing = "ascii4"\n\n[limits]\nshutdown_grace_s = 10\n'
+            f'framing = "ascii4"\n\n[limits]\nshutdown_grace_s = 10\n' + extra_config
         )
         self.stderr_path = tmp / f"serve-{self.cup}.log"
         args = [*PS, "serve", "--config", str(self.config), "--log-level", log_level]
@@ -254,3 +254,39 @@ def test_terminal_master_key_printed_once_imported_and_rekeyed(switch, tmp_path,
     assert asyncio.run(sign_on(rekeyed["tmk"])) == "00"
     with pytest.raises(TerminalError, match="check value"):
         asyncio.run(sign_on(tmk))  # working keys from the host do not open under the replaced master key
+
+
+def test_bank_simulator_and_connector_state_from_the_command_line(switch, tmp_path, key_env):
+    bank_port, ledger = _free_port(), tmp_path / "bank.jsonl"
+    bank = subprocess.Popen([*PS, "sim", "bank", "--port", str(bank_port), "--ledger", str(ledger)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert bank.stdout is not None and "bank simulator on" in bank.stdout.readline()
+    connector = (f'\n[[connector]]\nname = "bank"\nport = {bank_port}\nresponse_timeout_s = 2\n'
+                 '\n[cash_out]\npoints_per_yuan = "1"\n')
+    server = Server(tmp_path, dsn=switch.dsn, env=key_env, extra_config=connector)
+    db = ["--dsn", switch.dsn]
+    try:
+        server.wait_ready()
+        _cli("admin", "merchant", "add", "MBNK00000000001", "--name", "Bank Shop", "--earn-rate", "1", *db,
+             env=key_env)
+        added = json.loads(_cli("admin", "terminal", "add", "TBNK0001", "--merchant", "MBNK00000000001",
+                                "--json", *db, env=key_env).stdout)
+        _cli("admin", "card", "add", "6288883333444455556", "--name", "Wei", "--pin", "135790", *db, env=key_env)
+        sim = ["--port", str(server.cup), "--terminal", "TBNK0001", "--merchant", "MBNK00000000001", "--json"]
+        env = {"XDG_STATE_HOME": str(tmp_path / "state"), **key_env}
+        _cli("sim", "terminal", "sign-on", *sim, "--tmk", added["tmk"], env=env)
+        _cli("sim", "terminal", "accrue", *sim, "--card", "6288883333444455556", "--amount", "20", env=env)
+        paid = json.loads(_cli("sim", "terminal", "cash-out", *sim, "--card", "6288883333444455556", "--amount",
+                               "5", "--bank-card", "6222020000000000018", "--pin", "135790", env=env).stdout)
+        time.sleep(2.5)  # the switch publishes connector state every 2 s
+        state = json.loads(_cli("admin", "connectors", "--json", *db, env=key_env).stdout)
+    finally:
+        assert server.stop() == 0
+        bank.send_signal(signal.SIGTERM)
+        bank.wait(10)
+    assert (paid["rc"], paid["points_balance"]) == ("00", 15)
+    bank_state = next(c["state"] for c in state if c["name"] == "bank")
+    assert bank_state["links_up"] == 2 and bank_state["answered"] >= 1
+    lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [(e["what"], e["amount_fen"]) for e in lines] == [("credit", 500)]
+    assert "6222020000000000018" not in ledger.read_text(), "the simulator's file masks the bank card"

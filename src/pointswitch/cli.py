@@ -370,6 +370,7 @@ def _state_path(terminal: str) -> Path:
 def cmd_sim_host(args: argparse.Namespace) -> int:
     from .simulators.host import HostSimulator, Rule, load_rules
 
+    logs.configure("info")  # on stderr: what the host credits, declines and reverses
     rules = load_rules(args.rules) if args.rules else []
     field = "card" if args.kind == "bank" else "policy"
     rules += [Rule(action="decline", rc="05", **{field: value}) for value in args.decline]
@@ -478,8 +479,8 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
     mix = {}
     for part in args.mix.split(","):
         name, _, weight = part.partition("=")
-        if name not in ("accrue", "inquiry", "redeem") or not weight.isdigit():
-            sys.exit("pointswitch: --mix is like accrue=80,inquiry=10,redeem=10")
+        if name not in ("accrue", "inquiry", "redeem", "cash_out") or not weight.isdigit():
+            sys.exit("pointswitch: --mix is like accrue=80,inquiry=10,redeem=10 (also cash_out=N)")
         mix[name] = int(weight)
     plan = LoadPlan(
         host=args.host, port=args.port, merchant_id=args.merchant, terminal_prefix=args.terminal_prefix,

@@ -39,6 +39,7 @@ class LoadPlan:
     timeout_s: float = 10.0
     tmk: bytes | None = field(default=None, repr=False)  # master key of the load terminals
     pin: str = "123456"  # PIN of the load cards
+    bank_card: str = "6222020000000000018"  # credited by cash_out operations
 
 
 @dataclass
@@ -129,6 +130,8 @@ async def run_load(plan: LoadPlan, progress: TextIO | None = sys.stderr) -> Load
                     reply = await client.inquiry(card)
                 elif op == "redeem":
                     reply = await client.redeem(card, rng.randrange(1, 200))
+                elif op == "cash_out":  # through the bank host, when the switch has one
+                    reply = await client.cash_out(card, rng.randrange(100, 500), plan.bank_card)
                 else:
                     reply = await client.accrue(card, amount)
             except TerminalError as exc:
