@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pointswitch.app import Running, running_switch
 from pointswitch.config import ConnectorConfig, UsageConfig
@@ -318,3 +320,51 @@ async def test_200_concurrent_conversions_each_matched_to_its_own_request(world:
     credited = sorted(e.amount_fen for e in world.bank.entries.values())
     assert credited == sorted(int(sent) for _, _, sent in results), "every credit once, none crossed"
     assert world.running.connectors["bank"].state()["links_up"] == 2
+
+
+_leg = st.tuples(
+    st.sampled_from(["approve", "decline", "late", "drop", "host_down"]),
+    st.integers(min_value=100, max_value=900),  # fen
+    st.booleans(),  # the terminal reverses it afterwards
+)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(legs=st.lists(_leg, min_size=1, max_size=5))
+async def test_any_sequence_of_host_behaviours_pays_out_exactly_what_the_bank_credited(switch, legs):
+    """Whatever the host does (approve, decline, answer late, drop, be down) and whatever
+    the terminal reverses, once the reversals are delivered: points paid out equal money
+    credited, the card holds what it earned minus what was paid out, and the invariants hold."""
+    bank = await HostSimulator("bank").start()
+    insurer = await HostSimulator("insurer").start()
+    net = await make_network(switch, terminals=1, cards=1, earn_rate="100")
+    card = net.cards[0]
+    try:
+        async with upstream_switch(switch, bank, insurer) as running:
+            w = World(switch, bank, insurer, net, running)
+            await w.earn(card, 10_000)  # 10 000 points: every leg can be paid
+            async with w.terminal() as term:
+                for behaviour, fen, reverse in legs:
+                    bank.rules = {"decline": [Rule(action="decline", rc="05")],
+                                  "late": [Rule(action="approve", delay_s=TIMEOUT_S * 2)],
+                                  "drop": [Rule(action="drop")]}.get(behaviour, [])
+                    if behaviour == "host_down":
+                        await bank.stop()
+                    reply = await term.cash_out(card, fen, BANK_CARD)
+                    expected = {"approve": "00", "decline": "05", "late": "98", "drop": "98", "host_down": "91"}
+                    assert reply.rc == expected[behaviour]
+                    if reverse:
+                        assert (await term.reverse(reply.request)).rc == "00"
+                    if behaviour == "host_down":
+                        await bank.start()
+                        assert await running.connectors["bank"].wait_available(5)
+            bank.rules = []
+            await asyncio.sleep(TIMEOUT_S * 2)  # late answers arrive
+            await w.drained()
+            paid = await w.paid_out_fen()
+        assert paid == bank.net_fen()
+        assert await net.balance(card) == 10_000 - paid, "100 points a yuan: 1 point a fen"
+        assert await net.invariants() == []
+    finally:
+        await bank.stop()
+        await insurer.stop()

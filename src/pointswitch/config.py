@@ -266,6 +266,9 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         raise ConfigError("connector names must be unique")
     for conn in config.connectors:
         conn.validate()
+        if conn.response_timeout_s + 1 >= config.limits.request_timeout_s:
+            raise ConfigError(f"connector {conn.name}: response_timeout_s must be at least 1 s below"
+                              f" [limits] request_timeout_s ({config.limits.request_timeout_s})")
     for section, usage in (("cash_out", config.cash_out), ("insurance", config.insurance)):
         try:
             rate = Decimal(usage.points_per_yuan)

@@ -195,8 +195,8 @@ class Router:
         held = await self._ledger.execute(command)
         if held.status is not Status.PENDING:
             return held  # declined before anything left, or a retransmission of a finished request
-        if held.replayed:
-            return await self._wait_for_completion(command, deadline_s)
+        if held.replayed:  # the leg ends within the connector's response timeout; then 09
+            return await self._wait_for_completion(command, connector.response_timeout_s + 1)
         result, rc, reference = "approved", "", ""
         try:
             reply = await connector.request(leg)
