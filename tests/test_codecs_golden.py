@@ -326,6 +326,8 @@ def test_cup_mac_covers_mti_to_field_60() -> None:
 
 
 def test_iso87_mac_travels_as_hex_text() -> None:
+    """PROTOCOL does not say how iso87 carries binary fields ("the usual 1987 formats");
+    this pins the codec's documented choice (iso87.py): 8 bytes as 16 uppercase hex characters."""
     fields = {k: v for k, v in ISO_ACCRUAL.fields.items() if k != "64"}
     framed = ASCII4.frame(ISO.encode(fields, sign=lambda data: hx("0123456789ABCDEF")))
     assert framed == ISO_ACCRUAL.frame
@@ -410,6 +412,44 @@ def test_cup_short_ans_field_is_space_padded() -> None:
 def test_cup_short_ans_field_is_refused_not_truncated() -> None:
     with pytest.raises(EncodeFailure):
         CUP.encode({"t": "0800", "41": "POS1"})
+
+
+def test_cup_secondary_bitmap_is_refused_on_decode() -> None:
+    """PROTOCOL: cup uses only the primary bitmap (fields 2-64)."""
+    frame = hx(
+        "6000030000", "603100000000",
+        "0800",  # MTI
+        "8000000000000000",  # BITMAP: bit 1 (a secondary bitmap follows)
+        "0400000000000000",  # would-be secondary bitmap: 70
+        "0301",  # would-be field 70
+    )
+    with pytest.raises(DecodeFailure):
+        CUP.decode(frame)
+
+
+@pytest.mark.parametrize("number", ["65", "70"])
+def test_cup_encode_refuses_fields_above_64(number: str) -> None:
+    """PROTOCOL: cup uses only the primary bitmap, so a field above 64 cannot be sent."""
+    with pytest.raises(EncodeFailure):
+        CUP.encode({"t": "0800", "11": "000001", number: "301"})
+
+
+def test_cup_encode_refuses_non_digits_in_n_field() -> None:
+    with pytest.raises(EncodeFailure):
+        CUP.encode({"t": "0200", "3": "12A456"})
+
+
+def test_iso87_encode_refuses_non_digits_in_n_field() -> None:
+    with pytest.raises(EncodeFailure):
+        ISO.encode({"t": "0200", "3": "ABCDEF"})
+
+
+def test_iso87_over_binary2_framing() -> None:
+    """PROTOCOL: iso87 length header is 4 ASCII digits or 2 bytes binary (per listener)."""
+    payload = ISO_ECHO.frame[4:]
+    framed = hx("0037") + payload  # 55 bytes as a 2-byte binary length
+    assert BIN2.frame(ISO.encode(ISO_ECHO.fields)) == framed
+    assert [ISO.decode(f).fields for f in FrameDecoder(BIN2, 4096).feed(framed)] == [ISO_ECHO.fields]
 
 
 # ===================================================================================

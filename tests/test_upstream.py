@@ -180,7 +180,7 @@ async def test_declines_before_anything_leaves_the_network(world: World):
         too_small = await term.cash_out(card, 50, BANK_CARD)
         first = await term.cash_out(card, 90_000, BANK_CARD)
         over_limit = await term.cash_out(card, 20_000, BANK_CARD)  # 110 000 fen today > 100 000
-        bad_account = await term.cash_out(card, 500, "12AB")
+        bad_account = await term.cash_out(card, 500, "1234")  # not a bank card number
     assert (insufficient.rc, wrong_pin.rc, too_small.rc, first.rc, over_limit.rc, bad_account.rc) == (
         "51", "55", "13", "00", "61", "30")
     assert len(world.bank.requests("0200")) == 1, "only the approved one went upstream"

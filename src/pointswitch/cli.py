@@ -87,6 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(cfg, dsn, vault))
     except (VaultError, config_mod.ConfigError) as exc:
         sys.exit(f"pointswitch: {exc}")
+    except OSError as exc:  # a port in use, a database that cannot be reached
+        sys.exit(f"pointswitch: cannot start: {exc}")
     finally:
         if embedded:
             embedded.stop()

@@ -225,10 +225,11 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     if "listener" in raw:
         config.listeners = []
         for item in raw["listener"]:
-            try:
-                config.listeners.append(ListenerConfig(**item))
-            except TypeError as exc:
-                raise ConfigError(f"[[listener]]: {exc}") from None
+            if "name" not in item or "port" not in item:
+                raise ConfigError("[[listener]]: every listener has a name and a port")
+            listener = ListenerConfig(name=str(item["name"]), port=0)
+            _apply(listener, {k: v for k, v in item.items() if k != "name"}, f"listener {item['name']}")
+            config.listeners.append(listener)
     for item in raw.get("connector", []):
         if "name" not in item:
             raise ConfigError("[[connector]]: every connector has a name")
@@ -256,6 +257,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         config.database.data_dir = env["POINTSWITCH_DATA_DIR"]
     if env.get("POINTSWITCH_LOG_LEVEL"):
         config.log_level = env["POINTSWITCH_LOG_LEVEL"]
+    if config.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level is debug, info, warning or error, not {config.log_level!r}")
     names = [lst.name for lst in config.listeners]
     if len(set(names)) != len(names):
         raise ConfigError("listener names must be unique")

@@ -135,12 +135,18 @@ class Dialect:
         """Encode a message; with ``sign``, field 64 carries ``sign(bytes from the MTI
         up to field 64)`` (the bitmap already has bit 64 set)."""
         doc = dict(fields)
+        self._normalise(doc)  # binary as hex: either case
+        bad = self._first_invalid(doc)
+        if bad is not None:  # never send what our own decoder (or the peer's) would refuse
+            raise EncodeFailure(f"field {bad}: not defined in {self.name} or not valid for its format")
         if sign is not None:
             doc["64"] = "00" * 8
         try:
             encoded, _ = iso8583.encode(doc, self.spec)
         except iso8583.EncodeError as exc:
             raise EncodeFailure(str(exc)) from None
+        except Exception as exc:  # pyiso8583 raises KeyError etc. for fields its spec lacks
+            raise EncodeFailure(f"{type(exc).__name__}: {exc}") from None
         body = bytes(encoded)
         if sign is not None:
             if any(k.isdigit() and int(k) > 64 for k in doc):

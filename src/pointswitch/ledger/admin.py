@@ -109,8 +109,8 @@ def _merchant(row: asyncpg.Record) -> dict[str, Any]:
         "redeem_value_fen_per_point": str(row["redeem_value_fen_per_point"].normalize()),
         "status": row["status"],
         "terminals": row["terminals"],
-        "points_issued": row["points_issued"],
-        "points_redeemed": row["points_redeemed"],
+        "points_issued": int(row["points_issued"] or 0),
+        "points_redeemed": int(row["points_redeemed"] or 0),
     }
 
 

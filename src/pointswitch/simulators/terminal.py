@@ -7,6 +7,7 @@ to requests by MTI and trace number (field 11).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -161,7 +162,7 @@ class TerminalClient:
                     future = self._pending.pop(key, None)
                     if future is not None and not future.done():
                         request, sent_at = self._sent.pop(key)
-                        latency_ms = (asyncio.get_running_loop().time() - sent_at) * 1000
+                        latency_ms = (time.perf_counter() - sent_at) * 1000
                         mac_ok = None
                         mac_fn = self._mac_fn()
                         if "64" in message.fields and mac_fn is not None and message.mac_data is not None:
@@ -228,7 +229,7 @@ class TerminalClient:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self._pending[key] = future
-        self._sent[key] = (dict(fields), loop.time())
+        self._sent[key] = (dict(fields), time.perf_counter())  # uvloop's loop.time() is in whole ms
         self._writer.write(self.framing.frame(payload))
         try:
             return await asyncio.wait_for(future, self.timeout_s)
