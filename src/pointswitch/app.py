@@ -124,7 +124,8 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         }
         rules = {op: UsageRule(Decimal(u.points_per_yuan), u.fee_points, u.min_amount_fen, u.daily_limit_fen)
                  for op, u in usage.items()}
-        ledger = Ledger(pool, vault, max_pin_tries=config.security.max_pin_tries, usage=rules)
+        ledger = Ledger(pool, vault, max_pin_tries=config.security.max_pin_tries, usage=rules,
+                        pin_workers=config.security.pin_workers or os.cpu_count() or 1)
         queue = ReversalQueue(ledger)
         forwarder = ReversalForwarder(queue, {})
         connectors = {c.name: Connector(c, on_late=forwarder.on_late) for c in config.connectors}
@@ -153,6 +154,7 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             await forwarder.stop()
             for connector in connectors.values():
                 await connector.stop()
+            ledger.close()
 
 
 async def serve(config: Config, dsn: str, vault: Vault) -> None:

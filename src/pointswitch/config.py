@@ -104,6 +104,9 @@ class DatabaseConfig:
 class SecurityConfig:
     master_key_file: str = ""  # hex master key; or POINTSWITCH_MASTER_KEY; embedded default: generated
     max_pin_tries: int = 3  # wrong PINs in a row before the card is locked for PIN use
+    # PIN checks (scrypt: ~24 ms of CPU and 16 MiB each) running at once; 0 = one per CPU core.
+    # More than the cores only adds memory and tail latency.
+    pin_workers: int = 0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -153,11 +154,13 @@ _KEY_LENGTHS = {  # scheme -> (PIK, MAK, TDK) lengths in bytes
 
 class Ledger:
     def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pin_tries: int = 3,
-                 usage: dict[Operation, UsageRule] | None = None):
+                 usage: dict[Operation, UsageRule] | None = None, pin_workers: int = 2):
         self._pool = pool
         self._vault = vault
         self.max_pin_tries = max_pin_tries
         self.usage = usage or {}
+        # scrypt is slow on purpose: off the event loop, in a bounded pool of its own.
+        self._pin_pool = ThreadPoolExecutor(max_workers=max(1, pin_workers), thread_name_prefix="pin")
         self._operator_ids: dict[str, int] = {}
         self._handlers: dict[type, Callable[[Any], Awaitable[Outcome]]] = {
             SignOn: self._sign_on,
@@ -168,6 +171,9 @@ class Ledger:
             Reverse: self._reverse,
             CompleteUpstream: self._complete_upstream,
         }
+
+    def close(self) -> None:
+        self._pin_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -324,8 +330,8 @@ class Ledger:
             return Status.PIN_LOCKED
         if ctx["pin_hash"] is None or pin is None:
             return Status.WRONG_PIN  # no PIN set, or no PIN block: not counted as a try
-        # scrypt is slow on purpose: keep it off the event loop.
-        if await asyncio.to_thread(verify_pin, pin, ctx["pin_hash"]):
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(self._pin_pool, verify_pin, pin, ctx["pin_hash"]):
             await con.execute(
                 "UPDATE cards SET pin_failures = 0 WHERE card_number = $1 AND pin_failures <> 0", card
             )
