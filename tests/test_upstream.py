@@ -30,11 +30,11 @@ POLICY = "2026000123456"  # field 48 is numeric in cup
 TIMEOUT_S = 0.5
 
 
-def _config(sut: SwitchUnderTest, bank: HostSimulator, insurer: HostSimulator):
+def _config(sut: SwitchUnderTest, bank: HostSimulator, insurer: HostSimulator, **overrides: object):
     cfg = _test_config()
     cfg.database.data_dir = str(sut.data_dir)
     quick = {"response_timeout_s": TIMEOUT_S, "connections": 2, "backoff_initial_s": 0.05, "backoff_max_s": 0.3,
-             "reversal_retry_s": 0.1, "reversal_retry_max_s": 0.3, "echo_interval_s": 5.0}
+             "reversal_retry_s": 0.1, "reversal_retry_max_s": 0.3, "echo_interval_s": 5.0, **overrides}
     cfg.connectors = [ConnectorConfig("bank", port=bank.port, **quick),
                       ConnectorConfig("insurer", port=insurer.port, **quick)]
     cfg.cash_out = UsageConfig(connector="bank", points_per_yuan="100", min_amount_fen=100, daily_limit_fen=100_000)
@@ -44,8 +44,8 @@ def _config(sut: SwitchUnderTest, bank: HostSimulator, insurer: HostSimulator):
 
 @contextlib.asynccontextmanager
 async def upstream_switch(sut: SwitchUnderTest, bank: HostSimulator, insurer: HostSimulator,
-                          *, wait_links: bool = True) -> AsyncIterator[Running]:
-    async with running_switch(_config(sut, bank, insurer), sut.dsn, sut.vault) as running:
+                          *, wait_links: bool = True, **overrides: object) -> AsyncIterator[Running]:
+    async with running_switch(_config(sut, bank, insurer, **overrides), sut.dsn, sut.vault) as running:
         if wait_links:
             for connector in running.connectors.values():
                 assert await connector.wait_available(5), f"{connector.name} link not up"
@@ -368,3 +368,48 @@ async def test_any_sequence_of_host_behaviours_pays_out_exactly_what_the_bank_cr
     finally:
         await bank.stop()
         await insurer.stop()
+
+
+async def test_idle_links_are_kept_alive_with_echo_and_dropped_when_echo_goes_unanswered(switch: SwitchUnderTest):
+    bank = await HostSimulator("bank").start()
+    insurer = await HostSimulator("insurer").start()
+    try:
+        async with upstream_switch(switch, bank, insurer, echo_interval_s=0.2, echo_timeout_s=0.3) as running:
+            await asyncio.sleep(1.0)
+            echoes = bank.requests("0800")
+            state = running.connectors["bank"].state()
+            assert echoes and all(e["70"] == "301" for e in echoes), "network management echo, field 70 = 301"
+            assert state["last_echo_ok"] is not None and state["links_up"] == 2
+            bank.answer_echo = False  # the host stops answering: the links are dropped and made again
+            before = len(bank.connections_seen)
+            await asyncio.sleep(1.5)
+            assert len(bank.connections_seen) > before, "links re-established after an unanswered echo"
+    finally:
+        await bank.stop()
+        await insurer.stop()
+
+
+async def test_responses_can_be_matched_by_retrieval_reference(switch: SwitchUnderTest):
+    bank = await HostSimulator("bank").start()
+    insurer = await HostSimulator("insurer").start()
+    net = await make_network(switch, terminals=2, cards=2, earn_rate="100")
+    try:
+        async with upstream_switch(switch, bank, insurer, match_key="37") as running:
+            w = World(switch, bank, insurer, net, running)
+            for card in net.cards:
+                await w.earn(card, 5000)
+
+            async def burst(n: int) -> list[str]:
+                async with w.terminal(n) as term:
+                    replies = await asyncio.gather(*(term.cash_out(net.cards[n], 100 + i, BANK_CARD)
+                                                     for i in range(20)))
+                return [r.rc for r in replies]
+
+            codes = [c for batch in await asyncio.gather(burst(0), burst(1)) for c in batch]
+            await w.drained()
+            assert codes == ["00"] * 40
+            assert await w.paid_out_fen() == bank.net_fen() == sum(2 * (100 + i) for i in range(20))
+    finally:
+        await bank.stop()
+        await insurer.stop()
+    assert await net.invariants() == []

@@ -88,6 +88,8 @@ class HostSimulator:
     ledger_file: Path | None = None
     answer_reversals: bool = True  # False: reversals are received but never acknowledged
     drop_every: int = 0  # never answer every Nth financial request (0: none)
+    answer_echo: bool = True  # False: echo requests go unanswered (a hung host)
+    connections_seen: list[str] = field(default_factory=list)  # peer of every connection accepted
     entries: dict[str, Entry] = field(default_factory=dict)  # by retrieval reference
     received: list[Fields] = field(default_factory=list)  # every request, in arrival order
     _reversed_unseen: set[str] = field(default_factory=set)
@@ -129,6 +131,7 @@ class HostSimulator:
     # -- serving -------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.connections_seen.append(str(writer.get_extra_info("peername")))
         spec = framing(self.framing_name)
         decoder = FrameDecoder(spec, 8192)
         codec = dialect("iso87")
@@ -161,6 +164,8 @@ class HostSimulator:
                 return
             reply = self._reversal(fields)
         elif mti == "0800":
+            if not self.answer_echo:
+                return
             reply = {**{k: fields[k] for k in ("7", "11", "70") if k in fields}, "t": "0810", "39": "00"}
         else:
             return
