@@ -113,6 +113,15 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
 _ids = itertools.count(1)
 
 
+async def answer_or_none(term: TerminalClient, frame: bytes, timeout_s: float = 0.5) -> dict[str, str] | None:
+    """Send a raw frame; the answer the switch gives to it, or None when it gives none."""
+    await term.send_raw(frame)
+    try:
+        return await term.next_unmatched(timeout_s=timeout_s)
+    except TimeoutError:
+        return None
+
+
 @functools.cache
 def _test_pin_hash() -> str:
     return admin.hash_pin(TEST_PIN)

@@ -16,6 +16,8 @@ from pointswitch.codecs import framing
 from pointswitch.config import ListenerConfig
 from pointswitch.simulators.terminal import TerminalClient
 
+from .conftest import answer_or_none
+
 CUP = get_dialect("cup")
 BIN2 = framing("binary2")
 
@@ -131,11 +133,7 @@ async def test_a_stream_of_unanswerable_frames_closes_the_connection(network, sw
 def test_random_bytes_never_take_the_server_down(network_sync, payload):
     async def run() -> None:
         async with network_sync.terminal(0) as term:
-            await term.send_raw(BIN2.frame(payload))
-            try:
-                answer = await term.next_unmatched(timeout_s=0.25)
-            except TimeoutError:
-                answer = None
+            answer = await answer_or_none(term, BIN2.frame(payload), timeout_s=0.25)
             if answer is not None:
                 assert answer.get("39") in ("30", "12", "40", "97"), answer
         await _still_serves(network_sync)
@@ -154,11 +152,7 @@ def test_corrupted_requests_are_answered_or_dropped_and_post_nothing_unexpected(
             pos = data.draw(st.integers(min_value=11, max_value=len(raw) - 1))
             raw[pos] = data.draw(st.integers(0, 255))
             before = await network_sync.balance(card)
-            await term.send_raw(BIN2.frame(bytes(raw)))
-            try:
-                answer = await term.next_unmatched(timeout_s=0.5)
-            except TimeoutError:
-                answer = None
+            answer = await answer_or_none(term, BIN2.frame(bytes(raw)))
             after = await network_sync.balance(card)
             if answer is None or answer.get("39") != "00":
                 assert after == before, "a request that was not approved moved points"

@@ -21,7 +21,7 @@ from pointswitch.ledger import admin
 from pointswitch.simulators.scenario import DEMO_CARD, DEMO_MERCHANTS, DEMO_PIN, run_scenario
 from pointswitch.simulators.terminal import TerminalClient
 
-from .conftest import TEST_PIN
+from .conftest import TEST_PIN, answer_or_none
 
 CUP = get_dialect("cup")
 BIN2 = framing("binary2")
@@ -157,11 +157,7 @@ def test_flipping_any_bit_of_a_maced_request_never_posts(network_sync, data):
             bit = data.draw(st.integers(min_value=11 * 8, max_value=len(raw) * 8 - 1))
             raw[bit // 8] ^= 1 << (bit % 8)
             before = await network_sync.balance(card)
-            await term.send_raw(BIN2.frame(bytes(raw)))
-            try:
-                answer = await term.next_unmatched(timeout_s=0.5)
-            except TimeoutError:
-                answer = None
+            answer = await answer_or_none(term, BIN2.frame(bytes(raw)))
             # Give a request that was (wrongly) accepted time to post before looking.
             await term.echo()
             assert await network_sync.balance(card) == before, f"bit {bit} flipped and points moved"

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -40,6 +41,18 @@ def _config(sut: SwitchUnderTest, bank: HostSimulator, insurer: HostSimulator, *
     cfg.cash_out = UsageConfig(connector="bank", points_per_yuan="100", min_amount_fen=100, daily_limit_fen=100_000)
     cfg.insurance = UsageConfig(connector="insurer", points_per_yuan="100", fee_points=10, daily_limit_fen=1_000_000)
     return cfg
+
+
+@contextlib.asynccontextmanager
+async def hosts(**bank_options: Any) -> AsyncIterator[tuple[HostSimulator, HostSimulator]]:
+    """A bank and an insurer simulator, listening on free ports; both stopped at the end."""
+    bank = await HostSimulator("bank", **bank_options).start()
+    insurer = await HostSimulator("insurer").start()
+    try:
+        yield bank, insurer
+    finally:
+        await bank.stop()
+        await insurer.stop()
 
 
 @contextlib.asynccontextmanager
@@ -113,10 +126,8 @@ class World:
 
 @pytest.fixture
 async def world(switch: SwitchUnderTest) -> AsyncIterator[World]:
-    bank = await HostSimulator("bank").start()
-    insurer = await HostSimulator("insurer").start()
     net = await make_network(switch, terminals=8, cards=4, earn_rate="100")  # 1 yuan earns 100 points
-    try:
+    async with hosts() as (bank, insurer):
         async with upstream_switch(switch, bank, insurer) as running:
             w = World(switch, bank, insurer, net, running)
             yield w
@@ -124,9 +135,6 @@ async def world(switch: SwitchUnderTest) -> AsyncIterator[World]:
         assert await net.invariants() == []
         assert await w.paid_out_fen() == bank.net_fen(), "points paid out = money the bank holds as credited"
         assert await w.paid_out_fen("insurance") == insurer.net_fen()
-    finally:
-        await bank.stop()
-        await insurer.stop()
 
 
 async def test_cash_out_approved_credits_the_bank_card_once(world: World):
@@ -246,8 +254,6 @@ async def test_reversal_is_delivered_when_the_host_comes_back(world: World):
 
 
 async def test_reversal_owed_survives_a_restart_of_the_switch(switch: SwitchUnderTest):
-    bank = await HostSimulator("bank", rules=[Rule(action="drop", times=1)], answer_reversals=False).start()
-    insurer = await HostSimulator("insurer").start()
     net = await make_network(switch, terminals=1, cards=1, earn_rate="100")
 
     async def reversal_states() -> list[str]:
@@ -259,7 +265,7 @@ async def test_reversal_owed_survives_a_restart_of_the_switch(switch: SwitchUnde
             await con.close()
         return [r["state"] for r in rows]
 
-    try:
+    async with hosts(rules=[Rule(action="drop", times=1)], answer_reversals=False) as (bank, insurer):
         async with upstream_switch(switch, bank, insurer) as running:
             async with _terminal(net, 0, running) as term:
                 await term.accrue(net.cards[0], 1000)
@@ -275,9 +281,6 @@ async def test_reversal_owed_survives_a_restart_of_the_switch(switch: SwitchUnde
                     break
                 await asyncio.sleep(0.1)
         assert await reversal_states() == ["acknowledged"], "delivered after the restart"
-    finally:
-        await bank.stop()
-        await insurer.stop()
     assert tries_before_restart >= 1
     assert bank.requests("0420"), "repeats after the first try are 0420"
     assert bank.net_fen() == 0
@@ -335,11 +338,9 @@ async def test_any_sequence_of_host_behaviours_pays_out_exactly_what_the_bank_cr
     """Whatever the host does (approve, decline, answer late, drop, be down) and whatever
     the terminal reverses, once the reversals are delivered: points paid out equal money
     credited, the card holds what it earned minus what was paid out, and the invariants hold."""
-    bank = await HostSimulator("bank").start()
-    insurer = await HostSimulator("insurer").start()
     net = await make_network(switch, terminals=1, cards=1, earn_rate="100")
     card = net.cards[0]
-    try:
+    async with hosts() as (bank, insurer):
         async with upstream_switch(switch, bank, insurer) as running:
             w = World(switch, bank, insurer, net, running)
             await w.earn(card, 10_000)  # 10 000 points: every leg can be paid
@@ -365,15 +366,10 @@ async def test_any_sequence_of_host_behaviours_pays_out_exactly_what_the_bank_cr
         assert paid == bank.net_fen()
         assert await net.balance(card) == 10_000 - paid, "100 points a yuan: 1 point a fen"
         assert await net.invariants() == []
-    finally:
-        await bank.stop()
-        await insurer.stop()
 
 
 async def test_idle_links_are_kept_alive_with_echo_and_dropped_when_echo_goes_unanswered(switch: SwitchUnderTest):
-    bank = await HostSimulator("bank").start()
-    insurer = await HostSimulator("insurer").start()
-    try:
+    async with hosts() as (bank, insurer):
         async with upstream_switch(switch, bank, insurer, echo_interval_s=0.2, echo_timeout_s=0.3) as running:
             await asyncio.sleep(1.0)
             echoes = bank.requests("0800")
@@ -384,16 +380,11 @@ async def test_idle_links_are_kept_alive_with_echo_and_dropped_when_echo_goes_un
             before = len(bank.connections_seen)
             await asyncio.sleep(1.5)
             assert len(bank.connections_seen) > before, "links re-established after an unanswered echo"
-    finally:
-        await bank.stop()
-        await insurer.stop()
 
 
 async def test_responses_can_be_matched_by_retrieval_reference(switch: SwitchUnderTest):
-    bank = await HostSimulator("bank").start()
-    insurer = await HostSimulator("insurer").start()
     net = await make_network(switch, terminals=2, cards=2, earn_rate="100")
-    try:
+    async with hosts() as (bank, insurer):
         async with upstream_switch(switch, bank, insurer, match_key="37") as running:
             w = World(switch, bank, insurer, net, running)
             for card in net.cards:
@@ -409,7 +400,4 @@ async def test_responses_can_be_matched_by_retrieval_reference(switch: SwitchUnd
             await w.drained()
             assert codes == ["00"] * 40
             assert await w.paid_out_fen() == bank.net_fen() == sum(2 * (100 + i) for i in range(20))
-    finally:
-        await bank.stop()
-        await insurer.stop()
     assert await net.invariants() == []

@@ -233,19 +233,8 @@ async def _seed(con: Any, vault: Any, args: argparse.Namespace) -> dict[str, Any
             await admin.add_terminal(con, vault, tid, args.merchant, tmk_hex=tmk_hex)
         else:
             await admin.rekey_terminal(con, vault, tid, tmk_hex)
-    # Cards in one statement each batch: seeding 100k cards should take seconds.
     first = int(args.first_card)
-    async with con.transaction():
-        await con.execute(
-            "INSERT INTO accounts (kind, owner) SELECT 'card', ($1::bigint + g)::text"
-            " FROM generate_series(0, $2 - 1) g ON CONFLICT DO NOTHING", first, args.cards)
-        await con.execute(
-            "INSERT INTO cards (card_number, holder_name, account_id, points_balance, pin_hash)"
-            " SELECT a.owner, 'Load ' || a.owner, a.account_id, 0, $3 FROM accounts a"
-            " WHERE a.kind = 'card' AND a.owner ~ '^[0-9]+$'"
-            " AND a.owner::numeric BETWEEN $1::bigint AND $1::bigint + $2 - 1"
-            " ON CONFLICT (card_number) DO UPDATE SET pin_hash = EXCLUDED.pin_hash, pin_failures = 0,"
-            " pin_locked = false", first, args.cards, pin_hash)
+    await admin.add_cards_in_bulk(con, first, args.cards, pin_hash)
     return {"merchant_id": args.merchant, "terminals": args.terminals, "cards": args.cards,
             "first_card": card_number(first, 0), "terminal_prefix": args.terminal_prefix,
             "tmk": tmk_hex, "tmk_check_value": crypto.check_value(bytes.fromhex(tmk_hex)).hex().upper()}
@@ -333,12 +322,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 return 1
             async with running.pool.acquire() as con:
                 for _ in range(100):  # the late answer's reversal is stored and forwarded: wait for the ack
-                    owed = await con.fetchval("SELECT count(*) FROM upstream_reversals WHERE state <> 'acknowledged'")
-                    if not owed:
+                    reversals = await admin.upstream_reversals(con)
+                    if all(r["state"] == "acknowledged" for r in reversals):
                         break
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.0)  # and for the bank's late answer, which changes nothing
-                reversals = await con.fetch("SELECT reason, state, attempts FROM upstream_reversals")
                 problems = await admin.check_invariants(con)
                 card = await admin.show_card(con, DEMO_CARD, postings_limit=0)
                 merchants = await admin.list_merchants(con)

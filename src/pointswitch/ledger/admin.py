@@ -359,3 +359,26 @@ async def connectors(con: asyncpg.Connection) -> list[dict[str, Any]]:
     rows = await con.fetch("SELECT name, state, updated_at FROM connector_status ORDER BY name")
     return [{"name": r["name"], "state": json.loads(r["state"]),
              "updated_at": r["updated_at"].isoformat(timespec="seconds")} for r in rows]
+
+
+async def add_cards_in_bulk(con: asyncpg.Connection, first: int, count: int, pin_hash: str) -> None:
+    """Cards ``first`` .. ``first + count - 1`` with one PIN hash (load-test data), in one
+    statement each: seeding 100k cards takes seconds. Existing ones get the PIN again."""
+    async with con.transaction():
+        await con.execute(
+            "INSERT INTO accounts (kind, owner) SELECT 'card', ($1::bigint + g)::text"
+            " FROM generate_series(0, $2 - 1) g ON CONFLICT DO NOTHING", first, count)
+        await con.execute(
+            "INSERT INTO cards (card_number, holder_name, account_id, points_balance, pin_hash)"
+            " SELECT a.owner, 'Load ' || a.owner, a.account_id, 0, $3 FROM accounts a"
+            " WHERE a.kind = 'card' AND a.owner ~ '^[0-9]+$'"
+            " AND a.owner::numeric BETWEEN $1::bigint AND $1::bigint + $2 - 1"
+            " ON CONFLICT (card_number) DO UPDATE SET pin_hash = EXCLUDED.pin_hash, pin_failures = 0,"
+            " pin_locked = false", first, count, pin_hash)
+
+
+async def upstream_reversals(con: asyncpg.Connection) -> list[dict[str, Any]]:
+    """Every reversal owed (or once owed) to an upstream host, oldest first."""
+    rows = await con.fetch("SELECT reversal_id, connector, reason, state, attempts, created_at, acknowledged_at"
+                           " FROM upstream_reversals ORDER BY reversal_id")
+    return [dict(r) for r in rows]

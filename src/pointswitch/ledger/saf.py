@@ -13,6 +13,7 @@ This is the ledger's second narrow entry point, used by the switch's forwarder o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,9 +45,6 @@ class ReversalQueue:
         self._pool = ledger.pool
         self._vault = ledger._vault
 
-    @property
-    def pool(self) -> Any:
-        return self._pool
 
     async def claim(self, connector: str, *, limit: int, lease_s: float) -> list[DueReversal]:
         """Due reversals for ``connector``, leased for ``lease_s`` seconds."""
@@ -132,3 +130,13 @@ class ReversalQueue:
                 " FROM upstream_reversals GROUP BY connector"
             )
         return {r["connector"]: {k: r[k] for k in ("pending", "expired", "acknowledged", "oldest_s")} for r in rows}
+
+    async def publish(self, states: dict[str, dict[str, Any]]) -> None:
+        """Record each connector's state, with its reversal counts, for ``admin connectors``."""
+        stats = await self.stats()
+        async with self._pool.acquire() as con:
+            await con.executemany(
+                "INSERT INTO connector_status (name, state, updated_at) VALUES ($1, $2, now())"
+                " ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
+                [(name, json.dumps({**state, "reversals": stats.get(name, {})})) for name, state in states.items()],
+            )

@@ -187,6 +187,16 @@ class Ledger:
         return outcome
 
     # -- helpers ------------------------------------------------------------
+    async def _context(self, con: asyncpg.Connection, cmd: Command, card: str | None
+                       ) -> asyncpg.Record | Outcome:
+        """Terminal, merchant and card of a request, and a fresh retrieval reference;
+        or the refusal when the terminal is unknown, disabled or not of that merchant."""
+        ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, card)
+        bad = self._check_terminal(ctx, cmd)
+        if bad:
+            return Outcome(bad, host_time=_now())
+        return ctx
+
     @staticmethod
     def _check_terminal(ctx: asyncpg.Record | None, cmd: Command) -> Status | None:
         if ctx is None:
@@ -252,10 +262,9 @@ class Ledger:
         """Issue fresh working keys, sealed at rest, wrapped under the TMK for the terminal."""
         pik_len, mak_len, tdk_len = _KEY_LENGTHS[cmd.scheme]
         async with self._pool.acquire() as con, con.transaction():
-            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, None)
-            bad = self._check_terminal(ctx, cmd)
-            if bad:
-                return Outcome(bad, host_time=_now())
+            ctx = await self._context(con, cmd, None)
+            if isinstance(ctx, Outcome):
+                return ctx
             row = await con.fetchrow(
                 "SELECT tmk_sealed, key_generation FROM terminals WHERE terminal_id = $1 FOR UPDATE",
                 cmd.terminal_id,
@@ -287,10 +296,9 @@ class Ledger:
 
     async def _sign_off(self, cmd: SignOff) -> Outcome:
         async with self._pool.acquire() as con:
-            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, None)
-            bad = self._check_terminal(ctx, cmd)
-            if bad:
-                return Outcome(bad, host_time=_now())
+            ctx = await self._context(con, cmd, None)
+            if isinstance(ctx, Outcome):
+                return ctx
             await con.execute(
                 "UPDATE terminals SET signed_off_at = now(), session_state = 'signed_off',"
                 " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
@@ -300,11 +308,9 @@ class Ledger:
 
     async def _session(self, cmd: GetSession) -> Outcome:
         async with self._pool.acquire() as con:
-            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, None)
-        bad = self._check_terminal(ctx, cmd)
-        if bad:
-            return Outcome(bad, host_time=_now())
-        assert ctx is not None
+            ctx = await self._context(con, cmd, None)
+        if isinstance(ctx, Outcome):
+            return ctx
         if ctx["session_state"] != "signed_on" or ctx["mak_sealed"] is None:
             return Outcome(Status.NOT_SIGNED_ON, host_time=_now())
         generation = ctx["key_generation"]
@@ -346,11 +352,9 @@ class Ledger:
 
     async def _inquire(self, cmd: Inquire) -> Outcome:
         async with self._pool.acquire() as con, con.transaction():
-            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
-            bad = self._check_terminal(ctx, cmd)
-            if bad:
-                return Outcome(bad, host_time=_now())
-            assert ctx is not None
+            ctx = await self._context(con, cmd, cmd.card_number)
+            if isinstance(ctx, Outcome):
+                return ctx
             if ctx["card_status"] is None:
                 return Outcome(Status.UNKNOWN_CARD, rrn=ctx["rrn"], host_time=_now())
             if ctx["card_status"] != "active":
@@ -370,11 +374,9 @@ class Ledger:
     async def _posting(self, cmd: Posting) -> Outcome:
         try:
             async with self._pool.acquire() as con, con.transaction():
-                ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
-                bad = self._check_terminal(ctx, cmd)
-                if bad:
-                    return Outcome(bad, host_time=_now())
-                assert ctx is not None
+                ctx = await self._context(con, cmd, cmd.card_number)
+                if isinstance(ctx, Outcome):
+                    return ctx
                 step = _STEPS[cmd.operation]
                 return await step(self, con, ctx, cmd)
         except _KeyTaken:
@@ -611,11 +613,9 @@ class Ledger:
     # -- reversal ------------------------------------------------------------
     async def _reverse(self, cmd: Reverse) -> Outcome:
         async with self._pool.acquire() as con, con.transaction():
-            ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, cmd.card_number)
-            bad = self._check_terminal(ctx, cmd)
-            if bad:
-                return Outcome(bad, host_time=_now())
-            assert ctx is not None
+            ctx = await self._context(con, cmd, cmd.card_number)
+            if isinstance(ctx, Outcome):
+                return ctx
             balance = ctx["points_balance"]
             outcome = Outcome(
                 Status.APPROVED, points_balance=balance,

@@ -56,6 +56,11 @@ class UpstreamPort(Protocol):
     async def request(self, fields: Fields, *, timeout_s: float | None = None) -> Fields: ...
 
 
+def transmission_time(now: datetime | None = None) -> str:
+    """Field 7: MMDDhhmmss, UTC."""
+    return (now or datetime.now(UTC)).strftime("%m%d%H%M%S")
+
+
 def retrieval_reference(now: datetime, stan: str) -> str:
     """Field 37 the usual way: last digit of the year, day of the year, hour, trace (12)."""
     return f"{now:%y}"[-1] + f"{now.timetuple().tm_yday:03d}{now:%H}" + stan
@@ -71,7 +76,7 @@ def second_leg(*, insurance: bool, counterparty: str, amount_fen: int, stan: str
         "t": "0200",
         "3": PROC_PREMIUM_PAYMENT if insurance else PROC_CARD_CREDIT,
         "4": f"{amount_fen:012d}",
-        "7": now.strftime("%m%d%H%M%S"),
+        "7": transmission_time(now),
         "11": stan,
         "12": local.strftime("%H%M%S"),
         "13": local.strftime("%m%d"),
@@ -101,5 +106,5 @@ def repeat_of(reversal: Fields, attempt: int) -> Fields:
     """Attempt 1 is the 0400; later attempts are 0420 repeats, with a fresh field 7."""
     fields = dict(reversal)
     fields["t"] = "0400" if attempt <= 1 else "0420"
-    fields["7"] = datetime.now(UTC).strftime("%m%d%H%M%S")
+    fields["7"] = transmission_time()
     return fields

@@ -101,12 +101,4 @@ class ReversalForwarder:
         await self.queue.acknowledged(due.reversal_id, reply.get("39", ""))
 
     async def _publish(self) -> None:
-        stats = await self.queue.stats()
-        async with self.queue.pool.acquire() as con:
-            for connector in self.connectors.values():
-                state = {**connector.state(), "reversals": stats.get(connector.name, {})}
-                await con.execute(
-                    "INSERT INTO connector_status (name, state, updated_at) VALUES ($1, $2, now())"
-                    " ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state, updated_at = now()",
-                    connector.name, json.dumps(state),
-                )
+        await self.queue.publish({name: c.state() for name, c in self.connectors.items()})

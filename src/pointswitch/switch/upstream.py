@@ -33,20 +33,12 @@ import structlog
 from ..codecs import DecodeFailure, EncodeFailure, Fields, FrameDecoder, FramingError, dialect, framing
 from ..config import ConnectorConfig
 from ..logs import masked_fields
-from ..routing.legs import UpstreamError, UpstreamLost, UpstreamTimeout, UpstreamUnavailable
+from ..routing.legs import UpstreamError, UpstreamLost, UpstreamTimeout, UpstreamUnavailable, transmission_time
+from ..routing.table import response_mti
 
 __all__ = ["Connector", "UpstreamError", "UpstreamLost", "UpstreamTimeout", "UpstreamUnavailable"]
 
 log = structlog.get_logger("pointswitch.upstream")
-
-
-def response_mti(mti: str) -> str:
-    return mti[:2] + str(int(mti[2]) + 1) + mti[3]
-
-
-def transmission_time(now: datetime | None = None) -> str:
-    """Field 7, MMDDhhmmss in UTC."""
-    return (now or datetime.now(UTC)).strftime("%m%d%H%M%S")
 
 
 class _Link:
@@ -100,7 +92,7 @@ class _Link:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         cfg = self.connector.cfg
-        decoder = FrameDecoder(framing(cfg.framing), cfg.max_frame_bytes)
+        decoder = FrameDecoder(self.connector.framing, cfg.max_frame_bytes)
         while True:
             data = await reader.read(65536)
             if not data:
@@ -114,7 +106,7 @@ class _Link:
         if writer is None or writer.is_closing():
             raise UpstreamUnavailable("link down")
         async with self._write_lock:
-            writer.write(framing(self.connector.cfg.framing).frame(payload))
+            writer.write(self.connector.framing.frame(payload))
             await writer.drain()
 
     async def _keepalive(self) -> None:
@@ -146,6 +138,7 @@ class Connector:
         self.cfg = cfg
         self.name = cfg.name
         self.dialect = dialect(cfg.dialect)
+        self.framing = framing(cfg.framing)
         self.on_late = on_late
         self._links = [_Link(self, i) for i in range(cfg.connections)]
         self._tasks: list[asyncio.Task[None]] = []
@@ -232,7 +225,10 @@ class Connector:
             if not up:
                 raise UpstreamUnavailable("no link up")
             link = min(up, key=lambda lk: len(lk.pending))
-        key = self.match_key(response_mti(fields["t"]), fields)
+        expected = response_mti(fields["t"])
+        if expected is None:
+            raise UpstreamUnavailable(f"{fields['t']} is not a request")
+        key = self.match_key(expected, fields)
         if key in self._waiting:
             raise UpstreamUnavailable(f"a request with key {key[1:]} is already outstanding")
         try:
@@ -266,9 +262,9 @@ class Connector:
             log.warning("undecodable frame from upstream", connector=self.name, reason=str(exc))
             return
         mti = fields.get("t", "")
-        if mti in ("0800", "0820"):  # the host's own echo / sign-on: answer it
+        if mti in ("0800", "0820"):  # the host's own echo / sign-on: answer it (0810 / 0830)
             reply: Fields = {k: fields[k] for k in ("7", "11", "70") if k in fields}
-            reply.update({"t": response_mti(mti), "39": "00"})
+            reply.update({"t": response_mti(mti) or "0810", "39": "00"})
             with contextlib.suppress(UpstreamError, EncodeFailure):
                 await link.write(self.dialect.encode(reply))
             return
