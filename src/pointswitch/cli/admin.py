@@ -1,0 +1,179 @@
+"""``pointswitch admin``: merchants, terminals, cards, invariants, connectors, load-test data."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from . import common
+from .common import EXIT_USAGE
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from ..ledger import admin
+
+    what, action = args.what, args.action
+    if what == "merchant" and action == "add":
+        result = common.with_db(args, lambda c, v: admin.add_merchant(
+            c, args.merchant_id, args.name, args.earn_rate, args.issue_price, args.redeem_value))
+    elif what == "merchant" and action == "list":
+        result = common.with_db(args, lambda c, v: admin.list_merchants(c))
+    elif what == "terminal" and action == "add":
+        result = common.with_db(args, lambda c, v: admin.add_terminal(
+            c, v, args.terminal_id, args.merchant, args.status, args.tmk))
+    elif what == "terminal" and action == "rekey":
+        result = common.with_db(args, lambda c, v: admin.rekey_terminal(c, v, args.terminal_id, args.tmk))
+    elif what == "terminal" and action == "list":
+        result = common.with_db(args, lambda c, v: admin.list_terminals(c, merchant_id=args.merchant))
+    elif what == "terminal" and action in ("disable", "enable"):
+        status = "disabled" if action == "disable" else "active"
+        result = common.with_db(args, lambda c, v: admin.set_terminal_status(c, args.terminal_id, status))
+    elif what == "card" and action == "add":
+        result = common.with_db(args, lambda c, v: admin.add_card(
+            c, args.card_number, args.name, args.phone, args.pin, args.status))
+    elif what == "card" and action in ("block", "unblock"):
+        status = "blocked" if action == "block" else "active"
+        result = common.with_db(args, lambda c, v: admin.set_card_status(c, args.card_number, status))
+    elif what == "card" and action == "set-pin":
+        result = common.with_db(args, lambda c, v: admin.set_pin(c, args.card_number, args.pin))
+    elif what == "card" and action == "unlock-pin":
+        result = common.with_db(args, lambda c, v: admin.unlock_pin(c, args.card_number))
+    elif what == "card" and action == "show":
+        result = common.with_db(args, lambda c, v: admin.show_card(c, args.card_number, args.postings))
+    elif what == "check":
+        problems = common.with_db(args, lambda c, v: admin.check_invariants(c))
+        common.print_result({"ok": not problems, "problems": problems}, args.json,
+               lambda d: "all ledger invariants hold" if d["ok"] else "\n".join(d["problems"]))
+        return 0 if not problems else 1
+    elif what == "seed":
+        result = common.with_db(args, lambda c, v: _seed(c, v, args))
+    elif what == "connectors":
+        result = common.with_db(args, lambda c, v: admin.connectors(c))
+        common.print_result(result, args.json, _connectors_text)
+        return 0
+    else:  # pragma: no cover - argparse prevents it
+        return EXIT_USAGE
+    if isinstance(result, dict) and "tmk" in result and not args.json:
+        print(f"terminal master key {result['tmk']}  check value {result['tmk_check_value']}")
+        print("  (shown once: load it into the terminal now; it is stored only sealed under the master key)")
+        result = {k: v for k, v in result.items() if k not in ("tmk",)}
+    common.print_result(result, args.json)
+    return 0
+
+
+def _connectors_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no connector has reported (none configured, or the switch has not run)"
+    lines = []
+    for r in rows:
+        st, rev = r["state"], r["state"].get("reversals", {})
+        lines.append(
+            f"{r['name']:<10} {st['host']}:{st['port']}  links {st['links_up']}/{st['links']}  in flight"
+            f" {st['in_flight']}  sent {st['sent']}  timeouts {st['timeouts']}  late {st['late']}"
+            f"  last echo {st['last_echo_ok'] or '-'}  reversals pending {rev.get('pending', 0)}"
+            f" expired {rev.get('expired', 0)}  (as of {r['updated_at']})"
+        )
+        if st.get("last_error"):
+            lines.append(f"{'':<10} last error: {st['last_error']}")
+    return "\n".join(lines)
+
+
+async def _seed(con: Any, vault: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """A merchant, N terminals and N cards for load tests (idempotent). All load
+    terminals share one master key and all load cards one PIN hash: load-test data only."""
+    import secrets
+
+    from ..codecs import crypto
+    from ..ledger import admin
+    from ..simulators.load import card_number, terminal_id
+
+    tmk_hex = (args.tmk or secrets.token_hex(16)).upper()
+    pin_hash = admin.hash_pin(args.pin)
+    try:
+        await admin.add_merchant(con, args.merchant, "Load Test Merchant", args.earn_rate)
+    except admin.AdminError:
+        pass
+    existing = {t["terminal_id"] for t in await admin.list_terminals(con, merchant_id=args.merchant)}
+    for n in range(1, args.terminals + 1):
+        tid = terminal_id(args.terminal_prefix, n)
+        if tid not in existing:
+            await admin.add_terminal(con, vault, tid, args.merchant, tmk_hex=tmk_hex)
+        else:
+            await admin.rekey_terminal(con, vault, tid, tmk_hex)
+    first = int(args.first_card)
+    await admin.add_cards_in_bulk(con, first, args.cards, pin_hash)
+    return {"merchant_id": args.merchant, "terminals": args.terminals, "cards": args.cards,
+            "first_card": card_number(first, 0), "terminal_prefix": args.terminal_prefix,
+            "tmk": tmk_hex, "tmk_check_value": crypto.check_value(bytes.fromhex(tmk_hex)).hex().upper()}
+
+
+def admin_cmd(parent: Any, name: str, help_text: str, func: Any = None) -> argparse.ArgumentParser:
+    """One ``admin`` command: database options, ``--json``, and the function that runs it."""
+    sp = parent.add_parser(name, help=help_text)
+    common.db_opts(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=func or cmd_admin)
+    return sp
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    """Adds ``admin`` and returns its sub-parsers, for commands defined in other modules."""
+    admin_p = sub.add_parser("admin", help="manage merchants, terminals and cards")
+    asub = admin_p.add_subparsers(dest="what", required=True)
+
+
+    m = asub.add_parser("merchant").add_subparsers(dest="action", required=True)
+    sp = admin_cmd(m, "add", "add a merchant")
+    sp.add_argument("merchant_id")
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--earn-rate", required=True, help="points per yuan spent")
+    sp.add_argument("--issue-price", default="1", help="fen the merchant pays per point issued (clearing)")
+    sp.add_argument("--redeem-value", default="1", help="fen one point is worth when spent here")
+    admin_cmd(m, "list", "list merchants")
+
+    t = asub.add_parser("terminal").add_subparsers(dest="action", required=True)
+    sp = admin_cmd(t, "add", "register a terminal")
+    sp.add_argument("terminal_id")
+    sp.add_argument("--merchant", required=True)
+    sp.add_argument("--status", default="active", choices=["active", "disabled"])
+    sp.add_argument("--tmk", help="import this terminal master key (32 hex digits) instead of generating one")
+    sp = admin_cmd(t, "rekey", "replace a terminal's master key (it must sign on again)")
+    sp.add_argument("terminal_id")
+    sp.add_argument("--tmk", help="the new master key (32 hex digits); default: generate one")
+    sp = admin_cmd(t, "list", "list terminals")
+    sp.add_argument("--merchant")
+    for action in ("disable", "enable"):
+        admin_cmd(t, action, f"{action} a terminal").add_argument("terminal_id")
+
+    c = asub.add_parser("card").add_subparsers(dest="action", required=True)
+    sp = admin_cmd(c, "add", "issue a membership card")
+    sp.add_argument("card_number")
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--phone", default="")
+    sp.add_argument("--pin", help="PIN (stored as a salted scrypt hash)")
+    sp.add_argument("--status", default="active", choices=["active", "blocked"])
+    for action in ("block", "unblock"):
+        admin_cmd(c, action, f"{action} a card").add_argument("card_number")
+    sp = admin_cmd(c, "set-pin", "set a card's PIN (clears failed tries and a PIN lock)")
+    sp.add_argument("card_number")
+    sp.add_argument("--pin", required=True)
+    admin_cmd(c, "unlock-pin", "unlock a card locked after too many wrong PINs").add_argument("card_number")
+    sp = admin_cmd(c, "show", "a card's balance and postings")
+    sp.add_argument("card_number")
+    sp.add_argument("--postings", type=int, default=50, help="how many recent postings")
+
+    sp = admin_cmd(asub, "connectors", "upstream connectors as the running switch last reported them")
+    sp.set_defaults(action="list")
+    sp = admin_cmd(asub, "check", "verify the ledger invariants")
+    sp.set_defaults(action="check")
+    sp = admin_cmd(asub, "seed", "create a load-test merchant, terminals and cards")
+    sp.set_defaults(action="seed")
+    sp.add_argument("--merchant", default="MLOAD0000000001")
+    sp.add_argument("--earn-rate", default="1")
+    sp.add_argument("--terminals", type=int, default=8)
+    sp.add_argument("--terminal-prefix", default="L")
+    sp.add_argument("--cards", type=int, default=1000)
+    sp.add_argument("--first-card", default="6288990000000000")
+    sp.add_argument("--tmk", help="master key for all load terminals (default: generated and printed)")
+    sp.add_argument("--pin", default="123456", help="PIN of all load cards")
+    return asub

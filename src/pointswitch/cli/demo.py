@@ -1,0 +1,129 @@
+"""``pointswitch demo``: the switch on a fresh demo network, the scenario driven through the terminal simulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import logs
+from . import common
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..app import install_uvloop, resolve_dsn, running_switch
+    from ..config import ConnectorConfig, ListenerConfig, UsageConfig
+    from ..ledger import admin
+    from ..simulators.host import HostSimulator, Rule
+    from ..simulators.scenario import (
+        DEMO_CARD,
+        DEMO_MERCHANTS,
+        DEMO_PIN,
+        DEMO_SLOW_BANK_CARD,
+        ScenarioFailed,
+        Step,
+        run_scenario,
+    )
+    from ..simulators.terminal import describe
+
+    data_dir = Path(args.data_dir or "var/demo")
+    if data_dir.exists() and not args.keep:
+        shutil.rmtree(data_dir)
+    cfg = common.config(args)
+    cfg.database.dsn = None
+    cfg.database.data_dir = str(data_dir)
+    cfg.listeners = [ListenerConfig("cup", 0, "cup", "binary2", host="127.0.0.1"),
+                     ListenerConfig("iso87", 0, "iso87", "ascii4", host="127.0.0.1")]
+    logs.configure(args.log_level or "error")  # the scenario prints what happens; --log-level shows more
+    print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
+    dsn, embedded = resolve_dsn(cfg)
+    vault = common.vault(cfg, True)  # the demo's own master key, generated into its data folder
+    install_uvloop()
+
+    last_balance: list[int] = []
+
+    def show(step: Step) -> None:
+        d = describe(step.reply)
+        mark = "ok " if step.ok else "FAIL"
+        balance = d["points_balance"]
+        moved = "     "
+        if balance is not None:
+            if last_balance and balance != last_balance[-1]:
+                moved = f"{balance - last_balance[-1]:>+5}"
+            last_balance.append(balance)
+        shown = f"balance {balance:>4}" if balance is not None else ""
+        print(f"  {mark} rc {d['rc']}  {moved}  {shown:<13} {step.title}", flush=True)
+
+    async def run() -> int:
+        bank = await HostSimulator("bank", rules=[Rule(action="approve", delay_s=1.5, card=DEMO_SLOW_BANK_CARD)],
+                                   ledger_file=data_dir / "bank-ledger.jsonl").start()
+        insurer = await HostSimulator("insurer", ledger_file=data_dir / "insurer-ledger.jsonl").start()
+        quick: dict[str, Any] = {"response_timeout_s": 1.0, "reversal_retry_s": 0.2, "backoff_initial_s": 0.1}
+        cfg.connectors = [ConnectorConfig("bank", port=bank.port, **quick),
+                          ConnectorConfig("insurer", port=insurer.port, **quick)]
+        cfg.cash_out = UsageConfig(connector="bank", points_per_yuan="100", min_amount_fen=10)
+        cfg.insurance = UsageConfig(connector="insurer", points_per_yuan="100", min_amount_fen=10)
+        try:
+            return await run_with_hosts(bank, insurer)
+        finally:
+            await bank.stop()
+            await insurer.stop()
+
+    async def run_with_hosts(bank: HostSimulator, insurer: HostSimulator) -> int:
+        async with running_switch(cfg, dsn, vault) as running:
+            tmks: dict[str, bytes] = {}
+            async with running.pool.acquire() as con:
+                for mid, name, rate, tid in DEMO_MERCHANTS:
+                    await admin.add_merchant(con, mid, name, rate)
+                    added = await admin.add_terminal(con, vault, tid, mid)
+                    tmks[tid] = bytes.fromhex(added["tmk"])  # "loaded into the terminal"
+                await admin.add_card(con, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
+            host, port = running.address("cup")
+            for connector in running.connectors.values():
+                await connector.wait_available(5)
+            print(f"switch listening: cup on {host}:{port}, iso87 on {running.address('iso87')[1]};"
+                  f" bank host on {bank.port}, insurer host on {insurer.port}")
+            print(f"demo network: {len(DEMO_MERCHANTS)} merchants, card {DEMO_CARD[:6]}*********{DEMO_CARD[-4:]}\n")
+            try:
+                await run_scenario(host, port, tmks, DEMO_CARD, report=show, upstream=True)
+            except ScenarioFailed as exc:
+                print(f"\nscenario failed: {exc}")
+                return 1
+            async with running.pool.acquire() as con:
+                for _ in range(100):  # the late answer's reversal is stored and forwarded: wait for the ack
+                    reversals = await admin.upstream_reversals(con)
+                    if all(r["state"] == "acknowledged" for r in reversals):
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(1.0)  # and for the bank's late answer, which changes nothing
+                problems = await admin.check_invariants(con)
+                card = await admin.show_card(con, DEMO_CARD, postings_limit=0)
+                merchants = await admin.list_merchants(con)
+            print("\nmerchants (points issued / redeemed, derived from the journal):")
+            for m in merchants:
+                print(f"  {m['merchant_id']}  {m['name']:<12} issued {m['points_issued']:>4}"
+                      f"  redeemed {m['points_redeemed']:>4}")
+            for r in reversals:
+                print(f"\nreversal owed to the bank ({r['reason']}): {r['state']} after {r['attempts']} attempt(s)")
+            print(f"bank host: credited {bank.net_fen() / 100:.2f} yuan net ({len(bank.entries)} credits,"
+                  f" {sum(e.reversed for e in bank.entries.values())} reversed);"
+                  f" insurer host: collected {insurer.net_fen() / 100:.2f} yuan")
+            print(f"card balance {card['points_balance']} points;",
+                  "ledger invariants hold" if not problems else f"INVARIANTS BROKEN: {problems}")
+            return 0 if not problems else 1
+
+    try:
+        return asyncio.run(run())
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sp = sub.add_parser("demo", help="start the switch on a fresh demo network and run the scenario")
+    sp.add_argument("--data-dir", help="demo database folder (default: var/demo, recreated)")
+    sp.add_argument("--keep", action="store_true", help="keep an existing demo database")
+    sp.add_argument("--log-level", choices=list(logs.LEVELS))
+    sp.set_defaults(func=cmd_demo, config=None)

@@ -1,0 +1,228 @@
+"""``pointswitch sim``: a terminal, upstream bank and insurer hosts, and the load generator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import logs
+from . import common
+
+
+def _state_path(terminal: str) -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("pointswitch")) / "sim-terminals" / f"{terminal}.json"
+
+
+def cmd_sim_host(args: argparse.Namespace) -> int:
+    from ..simulators.host import HostSimulator, Rule, load_rules
+
+    logs.configure("info")  # on stderr: what the host credits, declines and reverses
+    rules = load_rules(args.rules) if args.rules else []
+    field = "card" if args.kind == "bank" else "policy"
+    rules += [Rule(action="decline", rc="05", **{field: value}) for value in args.decline]
+    if args.decline_amount_over is not None:
+        rules.append(Rule(action="decline", rc="61", amount_over=args.decline_amount_over))
+    if args.delay:
+        rules.append(Rule(action="approve", delay_s=args.delay))
+    host = HostSimulator(args.kind, args.host, args.port, args.framing, rules,
+                         Path(args.ledger) if args.ledger else None, answer_reversals=not args.no_reversal_ack,
+                         drop_every=args.drop_every)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with host:
+            print(f"{args.kind} simulator on {args.host}:{host.port} ({len(rules)} rules)", flush=True)
+            await stop.wait()
+        print(f"{args.kind} simulator stopped: {len(host.entries)} entries, net {host.net_fen()} fen", flush=True)
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_sim_terminal(args: argparse.Namespace) -> int:
+    from ..simulators.terminal import TerminalClient, TerminalError, describe
+
+    state_file = _state_path(args.terminal)
+    state: dict[str, Any] = {"trace": 0, "batch": 1, "history": {}}
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+
+    if args.tmk:
+        state["tmk"] = args.tmk.upper()  # "loading the master key into the terminal"
+
+    def key(name: str) -> bytes | None:
+        return bytes.fromhex(state[name]) if state.get(name) else None
+
+    async def run() -> Any:
+        client = TerminalClient(args.host, args.port, args.terminal, args.merchant,
+                                dialect_name=args.dialect, framing_name=args.framing,
+                                batch=state["batch"], trace=state["trace"], timeout_s=args.timeout,
+                                tmk=key("tmk"), default_pin=args.pin, pik=key("pik"), mak=key("mak"),
+                                tdk=key("tdk"))
+        async with client:
+            op = args.op
+            if op == "sign-on":
+                reply = await client.sign_on(args.key_scheme)
+            elif op == "sign-off":
+                reply = await client.sign_off()
+            elif op == "echo":
+                reply = await client.echo()
+            elif op == "inquiry":
+                reply = await client.inquiry(args.card)
+            elif op == "accrue":
+                reply = await client.accrue(args.card, args.amount, tamper=args.tamper)
+            elif op == "redeem":
+                reply = await client.send(client.request("redeem", args.card, args.amount), tamper=args.tamper)
+            elif op == "cash-out":
+                reply = await client.cash_out(args.card, args.amount, args.bank_card)
+            elif op == "insurance":
+                reply = await client.insurance(args.card, args.amount, args.policy)
+            else:
+                original = state["history"].get(f"{int(args.trace):06d}")
+                if original is None:
+                    sys.exit(f"pointswitch: no transaction with trace {args.trace} in {state_file}")
+                from ..simulators.terminal import Reply
+
+                orig = Reply(original["request"], original["reply"])
+                if op == "void":
+                    reply = await client.void(orig)
+                elif op == "refund":
+                    reply = await client.refund(orig, args.amount)
+                else:
+                    reply = await client.reverse(orig.request)
+            state["trace"], state["batch"] = client.trace, client.batch
+            if op == "sign-off":
+                client.pik = client.mak = client.tdk = None
+            for name in ("pik", "mak", "tdk"):  # the terminal's working keys, kept like its secure memory
+                value = getattr(client, name)
+                state[name] = value.hex().upper() if value else None
+            if reply.request.get("t") in ("0200", "0220"):
+                request = {k: v for k, v in reply.request.items() if k not in ("52", "64")}
+                state["history"][reply.request["11"]] = {"request": request, "reply": reply.fields}
+                while len(state["history"]) > 200:
+                    state["history"].pop(next(iter(state["history"])))
+            return describe(reply)
+
+    try:
+        result = asyncio.run(run())
+    except (TerminalError, OSError) as exc:
+        sys.exit(f"pointswitch: {exc}")
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the terminal's keys
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(state))
+    common.print_result(result, args.json, lambda d: "\n".join(f"{k:<15} {v}" for k, v in d.items() if v is not None))
+    return 0 if result["rc"] == "00" else 1
+
+
+def cmd_sim_load(args: argparse.Namespace) -> int:
+    from ..app import install_uvloop
+    from ..simulators.load import LoadPlan, run_load
+
+    mix = {}
+    for part in args.mix.split(","):
+        name, _, weight = part.partition("=")
+        if name not in ("accrue", "inquiry", "redeem", "cash_out") or not weight.isdigit():
+            sys.exit("pointswitch: --mix is like accrue=80,inquiry=10,redeem=10 (also cash_out=N)")
+        mix[name] = int(weight)
+    plan = LoadPlan(
+        host=args.host, port=args.port, merchant_id=args.merchant, terminal_prefix=args.terminal_prefix,
+        connections=args.connections, depth=args.depth,
+        duration_s=None if args.count else args.duration, count=args.count,
+        first_card=int(args.first_card), cards=args.cards, mix=mix, dialect=args.dialect,
+        framing=args.framing, seed=args.seed,
+        tmk=bytes.fromhex(args.tmk) if args.tmk else None, pin=args.pin,
+    )
+    install_uvloop()
+    report = asyncio.run(run_load(plan, progress=None if args.json else sys.stderr))
+    common.print_result(report.as_dict(), args.json, lambda _d: report.render())
+    return 0 if report.latencies_ms else 1
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sim = sub.add_parser("sim", help="simulators").add_subparsers(dest="sim", required=True)
+    st = sim.add_parser("terminal", help="a UnionPay-style POS terminal")
+    st.add_argument("op", choices=["sign-on", "sign-off", "echo", "inquiry", "accrue", "redeem",
+                                   "cash-out", "insurance", "void", "refund", "reverse"])
+    st.add_argument("--host", default=os.environ.get("POINTSWITCH_HOST", "127.0.0.1"))
+    st.add_argument("--port", type=int, default=5000)
+    st.add_argument("--dialect", default="cup", choices=["cup", "iso87"])
+    st.add_argument("--framing", default="binary2", choices=["binary2", "ascii4"])
+    st.add_argument("--terminal", required=True, help="terminal id (field 41)")
+    st.add_argument("--merchant", required=True, help="merchant id (field 42)")
+    st.add_argument("--card", help="card number (field 2)")
+    st.add_argument("--amount", type=common.yuan_to_fen, help="amount in yuan, e.g. 12.50")
+    st.add_argument("--trace", help="trace of the original (void, refund, reverse)")
+    st.add_argument("--bank-card", help="the bank card to credit (cash-out, field 48)")
+    st.add_argument("--policy", help="the policy whose premium is paid (insurance, field 48)")
+    st.add_argument("--tmk", help="load this terminal master key (32 hex digits); kept in the terminal's state")
+    st.add_argument("--pin", help="the member's PIN, typed on the PIN pad (inquiry, redeem)")
+    st.add_argument("--key-scheme", default="003", choices=["001", "003", "004"], help="sign-on 60.3")
+    st.add_argument("--tamper", action="store_true",
+                    help="change one byte of the message after its MAC was computed (shows the A0 path)")
+    st.add_argument("--timeout", type=float, default=10.0)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_sim_terminal)
+
+    for kind in ("bank", "insurer"):
+        sh = sim.add_parser(kind, help=f"an upstream {kind} host (iso87) that pointswitch connects to")
+        sh.add_argument("--host", default="127.0.0.1")
+        sh.add_argument("--port", type=int, default=6000 if kind == "bank" else 6001)
+        sh.add_argument("--framing", default="ascii4", choices=["binary2", "ascii4"])
+        sh.add_argument("--rules", help="TOML file of [[rule]] tables (action, rc, delay_s, card, policy, amount_over,"
+                                        " times)")
+        sh.add_argument("--decline-card" if kind == "bank" else "--decline-policy", action="append", default=[],
+                        dest="decline", help="decline requests for this card / policy (05); repeatable")
+        sh.add_argument("--decline-amount-over", type=int, help="decline amounts above this many fen (61)")
+        sh.add_argument("--delay", type=float, default=0.0, help="answer every request this many seconds late")
+        sh.add_argument("--drop-every", type=int, default=0, help="never answer every Nth request")
+        sh.add_argument("--no-reversal-ack", action="store_true", help="receive reversals but never acknowledge")
+        sh.add_argument("--ledger", help="append what is credited / collected and reversed to this JSON-lines file")
+        sh.set_defaults(func=cmd_sim_host, kind=kind)
+
+    sl = sim.add_parser("load", help="load generator")
+    sl.add_argument("--host", default="127.0.0.1")
+    sl.add_argument("--port", type=int, default=5000)
+    sl.add_argument("--dialect", default="cup", choices=["cup", "iso87"])
+    sl.add_argument("--framing", default="binary2", choices=["binary2", "ascii4"])
+    sl.add_argument("--merchant", default="MLOAD0000000001")
+    sl.add_argument("--terminal-prefix", default="L")
+    sl.add_argument("--connections", type=int, default=8)
+    sl.add_argument("--depth", type=int, default=1, help="requests outstanding per connection")
+    sl.add_argument("--duration", type=float, default=10.0, help="seconds")
+    sl.add_argument("--count", type=int, help="total requests (instead of a duration)")
+    sl.add_argument("--cards", type=int, default=1000)
+    sl.add_argument("--first-card", default="6288990000000000")
+    sl.add_argument("--mix", default="accrue=80,inquiry=10,redeem=10")
+    sl.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
+    sl.add_argument("--tmk", help="master key of the load terminals (from admin seed)")
+    sl.add_argument("--pin", default="123456", help="PIN of the load cards")
+    sl.add_argument("--json", action="store_true")
+    sl.set_defaults(func=cmd_sim_load)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What argparse cannot say: which options each terminal operation needs."""
+    if args.command == "sim" and args.sim == "terminal":
+        needs_card = args.op in ("inquiry", "accrue", "redeem", "cash-out", "insurance")
+        if needs_card and not args.card:
+            sys.exit("pointswitch: --card is required for " + args.op)
+        if args.op == "cash-out" and not args.bank_card:
+            sys.exit("pointswitch: --bank-card is required for cash-out")
+        if args.op == "insurance" and not args.policy:
+            sys.exit("pointswitch: --policy is required for insurance")
+        if args.op in ("accrue", "redeem", "refund", "cash-out", "insurance") and args.amount is None:
+            sys.exit("pointswitch: --amount is required for " + args.op)
+        if args.op in ("void", "refund", "reverse") and not args.trace:
+            sys.exit("pointswitch: --trace of the original is required for " + args.op)
