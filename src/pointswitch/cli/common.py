@@ -76,6 +76,7 @@ def with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) 
     """Run ``fn(connection, vault)`` against the configured database (migrated)."""
     from ..app import database, resolve_dsn
     from ..ledger.admin import AdminError
+    from ..ledger.pins import PinFormatError
     from ..ledger.vault import VaultError
 
     cfg = config(args)
@@ -91,7 +92,7 @@ def with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) 
 
     try:
         return asyncio.run(run())
-    except (AdminError, VaultError) as exc:
+    except (AdminError, PinFormatError, VaultError) as exc:
         sys.exit(f"pointswitch: {exc}")
     finally:
         if embedded:

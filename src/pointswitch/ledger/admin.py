@@ -6,39 +6,20 @@ transactions on the same database).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
-import secrets
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import asyncpg
 
 from ..codecs import crypto
+from .pins import hash_pin
 from .vault import Vault
-
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
 
 class AdminError(ValueError):
     """A refusal an operator can act on (unknown id, bad value, duplicate)."""
-
-
-def hash_pin(pin: str) -> str:
-    """Salted, slow, one-way: scrypt. Stored as ``scrypt$N$r$p$salt$hash`` (hex)."""
-    if not re.fullmatch(r"[0-9]{4,12}", pin):
-        raise AdminError("a PIN is 4 to 12 digits")
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(pin.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
-
-
-def verify_pin(pin: str, stored: str) -> bool:
-    _, n, r, p, salt, digest = stored.split("$")
-    candidate = hashlib.scrypt(pin.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p))
-    return hmac.compare_digest(candidate.hex(), digest)
 
 
 def _decimal(value: Any, what: str) -> Decimal:

@@ -17,10 +17,8 @@ sums over ``postings`` (view ``account_balances``).
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -29,30 +27,26 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ..codecs import crypto
-from .admin import verify_pin
 from .model import (
     UPSTREAM_OPERATIONS,
     Command,
     CompleteUpstream,
     GetSession,
     Inquire,
-    KeyExchange,
-    KeyScheme,
     Operation,
     OriginalRef,
     Outcome,
     Posting,
     RequestKey,
     Reverse,
-    Session,
     SignOff,
     SignOn,
     Status,
     UsageRule,
-    WrappedKey,
 )
-from .vault import Vault, VaultError
+from .pins import PinCheck
+from .terminals import TerminalKeys
+from .vault import Vault
 
 log = structlog.get_logger("pointswitch.ledger")
 
@@ -145,13 +139,6 @@ def _auth_code() -> str:
     return f"{secrets.randbelow(1_000_000):06d}"
 
 
-_KEY_LENGTHS = {  # scheme -> (PIK, MAK, TDK) lengths in bytes
-    KeyScheme.SINGLE: (8, 8, 0),
-    KeyScheme.DOUBLE: (16, 8, 0),
-    KeyScheme.DOUBLE_WITH_TRACK: (16, 8, 16),
-}
-
-
 class Ledger:
     def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pin_tries: int = 3,
                  usage: dict[Operation, UsageRule] | None = None, pin_workers: int = 2):
@@ -159,13 +146,13 @@ class Ledger:
         self._vault = vault
         self.max_pin_tries = max_pin_tries
         self.usage = usage or {}
-        # scrypt is slow on purpose: off the event loop, in a bounded pool of its own.
-        self._pin_pool = ThreadPoolExecutor(max_workers=max(1, pin_workers), thread_name_prefix="pin")
+        self._pins = PinCheck(max_pin_tries, pin_workers)
+        self._terminals = TerminalKeys(pool, vault, self._context)
         self._operator_ids: dict[str, int] = {}
         self._handlers: dict[type, Callable[[Any], Awaitable[Outcome]]] = {
-            SignOn: self._sign_on,
-            SignOff: self._sign_off,
-            GetSession: self._session,
+            SignOn: self._terminals.sign_on,
+            SignOff: self._terminals.sign_off,
+            GetSession: self._terminals.session,
             Inquire: self._inquire,
             Posting: self._posting,
             Reverse: self._reverse,
@@ -173,7 +160,7 @@ class Ledger:
         }
 
     def close(self) -> None:
-        self._pin_pool.shutdown(wait=False, cancel_futures=True)
+        self._pins.close()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -257,99 +244,6 @@ class Ledger:
             raise _KeyTaken
         return int(request_id)
 
-    # -- network management ----------------------------------------------------
-    async def _sign_on(self, cmd: SignOn) -> Outcome:
-        """Issue fresh working keys, sealed at rest, wrapped under the TMK for the terminal."""
-        pik_len, mak_len, tdk_len = _KEY_LENGTHS[cmd.scheme]
-        async with self._pool.acquire() as con, con.transaction():
-            ctx = await self._context(con, cmd, None)
-            if isinstance(ctx, Outcome):
-                return ctx
-            row = await con.fetchrow(
-                "SELECT tmk_sealed, key_generation FROM terminals WHERE terminal_id = $1 FOR UPDATE",
-                cmd.terminal_id,
-            )
-            if row["tmk_sealed"] is None:
-                log.warning("sign-on refused: terminal has no master key", terminal=cmd.terminal_id)
-                return Outcome(Status.NO_MASTER_KEY, host_time=_now())
-            tmk = self._vault.open(row["tmk_sealed"], f"tmk:{cmd.terminal_id}")
-            generation = row["key_generation"] + 1
-            keys = {"pik": crypto.generate_key(pik_len), "mak": crypto.generate_key(mak_len)}
-            if tdk_len:
-                keys["tdk"] = crypto.generate_key(tdk_len)
-            sealed = {k: self._vault.seal(v, f"{k}:{cmd.terminal_id}:{generation}") for k, v in keys.items()}
-            batch = await con.fetchval(
-                "UPDATE terminals SET pik_sealed = $2, mak_sealed = $3, tdk_sealed = $4, key_scheme = $5,"
-                " key_generation = $6, session_state = 'signed_on', signed_on_at = now()"
-                " WHERE terminal_id = $1 RETURNING current_batch",
-                cmd.terminal_id, sealed["pik"], sealed["mak"], sealed.get("tdk"), cmd.scheme.value, generation,
-            )
-
-        def wrap(key: bytes) -> WrappedKey:
-            return WrappedKey(crypto.encrypt(tmk, key), crypto.check_value(key))
-
-        exchange = KeyExchange(
-            cmd.scheme, wrap(keys["pik"]), wrap(keys["mak"]), wrap(keys["tdk"]) if "tdk" in keys else None
-        )
-        log.info("terminal signed on", terminal=cmd.terminal_id, generation=generation, scheme=cmd.scheme.value)
-        return Outcome(Status.APPROVED, batch=batch, host_time=_now(), key_exchange=exchange)
-
-    async def _sign_off(self, cmd: SignOff) -> Outcome:
-        async with self._pool.acquire() as con:
-            ctx = await self._context(con, cmd, None)
-            if isinstance(ctx, Outcome):
-                return ctx
-            await con.execute(
-                "UPDATE terminals SET signed_off_at = now(), session_state = 'signed_off',"
-                " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
-                cmd.terminal_id,
-            )
-        return Outcome(Status.APPROVED, host_time=_now())
-
-    async def _session(self, cmd: GetSession) -> Outcome:
-        async with self._pool.acquire() as con:
-            ctx = await self._context(con, cmd, None)
-        if isinstance(ctx, Outcome):
-            return ctx
-        if ctx["session_state"] != "signed_on" or ctx["mak_sealed"] is None:
-            return Outcome(Status.NOT_SIGNED_ON, host_time=_now())
-        generation = ctx["key_generation"]
-
-        def unseal(kind: str) -> bytes:
-            return self._vault.open(ctx[f"{kind}_sealed"], f"{kind}:{cmd.terminal_id}:{generation}")
-
-        try:
-            session = Session(
-                KeyScheme(ctx["key_scheme"]), generation, unseal("pik"), unseal("mak"),
-                unseal("tdk") if ctx["tdk_sealed"] is not None else None,
-            )
-        except VaultError:
-            log.error("working keys do not open under the master key", terminal=cmd.terminal_id)
-            return Outcome(Status.NOT_SIGNED_ON, host_time=_now())
-        return Outcome(Status.APPROVED, host_time=_now(), session=session)
-
-    async def _check_pin(self, con: asyncpg.Connection, ctx: asyncpg.Record, card: str, pin: str | None
-                         ) -> Status | None:
-        """None when the PIN is right. A wrong PIN counts a try; the try that reaches
-        the limit locks the card for PIN use until an operator unlocks it."""
-        if ctx["pin_locked"]:
-            return Status.PIN_LOCKED
-        if ctx["pin_hash"] is None or pin is None:
-            return Status.WRONG_PIN  # no PIN set, or no PIN block: not counted as a try
-        loop = asyncio.get_running_loop()
-        if await loop.run_in_executor(self._pin_pool, verify_pin, pin, ctx["pin_hash"]):
-            await con.execute(
-                "UPDATE cards SET pin_failures = 0 WHERE card_number = $1 AND pin_failures <> 0", card
-            )
-            return None
-        locked = await con.fetchval(
-            "UPDATE cards SET pin_failures = pin_failures + 1, pin_locked = pin_failures + 1 >= $2"
-            " WHERE card_number = $1 RETURNING pin_locked",
-            card, self.max_pin_tries,
-        )
-        log.info("wrong PIN", card=card, locked=locked)
-        return Status.PIN_LOCKED if locked else Status.WRONG_PIN
-
     async def _inquire(self, cmd: Inquire) -> Outcome:
         async with self._pool.acquire() as con, con.transaction():
             ctx = await self._context(con, cmd, cmd.card_number)
@@ -360,7 +254,7 @@ class Ledger:
             if ctx["card_status"] != "active":
                 return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
             if cmd.pin_required:
-                pin_problem = await self._check_pin(con, ctx, cmd.card_number, cmd.pin)
+                pin_problem = await self._pins.check(con, ctx, cmd.card_number, cmd.pin)
                 if pin_problem:
                     return Outcome(pin_problem, rrn=ctx["rrn"], host_time=_now())
         balance = ctx["points_balance"]
@@ -419,7 +313,7 @@ class Ledger:
     async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
         problem = self._card_problem(ctx, cmd, spending=True)
         if problem is None and cmd.pin_required:
-            problem = await self._check_pin(con, ctx, cmd.card_number, cmd.pin)
+            problem = await self._pins.check(con, ctx, cmd.card_number, cmd.pin)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = points_for_value(cmd.amount_fen, ctx["redeem_value"])
@@ -512,7 +406,7 @@ class Ledger:
         if problem is None and cmd.amount_fen < rule.min_amount_fen:
             problem = Status.INVALID_AMOUNT
         if problem is None and cmd.pin_required:
-            problem = await self._check_pin(con, ctx, cmd.card_number, cmd.pin)
+            problem = await self._pins.check(con, ctx, cmd.card_number, cmd.pin)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         # The card row lock serialises this card's requests, so the daily total is exact.
