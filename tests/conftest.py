@@ -152,10 +152,15 @@ class Network:
     async def db(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.dsn)
 
+    def card_index(self, card: str) -> str:
+        """The card's key in the database (cards.card_index, requests.card_index)."""
+        return self.vault.card_index(card)
+
     async def balance(self, card: str) -> int:
         con = await self.db()
         try:
-            return int(await con.fetchval("SELECT points_balance FROM cards WHERE card_number = $1", card))
+            return int(await con.fetchval("SELECT points_balance FROM cards WHERE card_index = $1",
+                                          self.card_index(card)))
         finally:
             await con.close()
 
@@ -185,12 +190,12 @@ async def make_network(sut: SwitchUnderTest, *, terminals: int = 2, cards: int =
         card_numbers = []
         for i in range(cards):
             card = f"62888{n:07d}{i:04d}"
-            await admin.add_card(con, card, f"Member {n}-{i}", "13800000000")
+            await admin.add_card(con, sut.vault, card, f"Member {n}-{i}", "13800000000")
             card_numbers.append(card)
         # One real scrypt hash shared by the test cards: hashing per card would
         # dominate the hypothesis tests that build a network per example.
-        await con.execute("UPDATE cards SET pin_hash = $2 WHERE card_number = ANY($1::text[])",
-                          card_numbers, _test_pin_hash())
+        await con.execute("UPDATE cards SET pin_hash = $2 WHERE card_index = ANY($1::text[])",
+                          [sut.vault.card_index(c) for c in card_numbers], _test_pin_hash())
     finally:
         await con.close()
     return Network(sut.dsn, sut.ports, merchant, tids, card_numbers, other, tmks, sut.vault)

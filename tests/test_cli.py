@@ -27,8 +27,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*PS, *args], capture_output=True, text=True, timeout=120,
+def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
+         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``pointswitch ARGS``; ``stdin`` is piped to it (how secrets reach admin commands)."""
+    result = subprocess.run([*PS, *args], capture_output=True, text=True, timeout=120, input=stdin or "",
                             env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
@@ -100,7 +102,7 @@ def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, 
         added = json.loads(_cli("admin", "terminal", "add", "TCLI0001", "--merchant", "MCLI00000000001",
                                 "--json", *db, env=key_env).stdout)
         _cli("admin", "card", "add", "6288881111222233334", "--name", "Li Lei", "--phone", "13800000000",
-             "--pin", "246810", *db, env=key_env)
+             "--pin", "-", *db, env=key_env, stdin="246810\n")
         sim = ["--port", str(server.cup), "--terminal", "TCLI0001", "--merchant", "MCLI00000000001", "--json"]
         env = {"XDG_STATE_HOME": str(tmp_path / "state"), **key_env}
         signed = json.loads(_cli("sim", "terminal", "sign-on", *sim, "--tmk", added["tmk"], env=env).stdout)
@@ -240,7 +242,7 @@ def test_terminal_master_key_printed_once_imported_and_rekeyed(switch, tmp_path,
 
     imported = "0123456789ABCDEFFEDCBA9876543210"
     added = json.loads(_cli("admin", "terminal", "add", "TKEY0002", "--merchant", "MKEY00000000001",
-                            "--tmk", imported, "--json", *db, env=key_env).stdout)
+                            "--tmk", "-", "--json", *db, env=key_env, stdin=imported + "\n").stdout)
     assert added["tmk"] == imported
     rekeyed = json.loads(_cli("admin", "terminal", "rekey", "TKEY0001", "--json", *db, env=key_env).stdout)
     assert rekeyed["tmk"] != tmk
@@ -271,7 +273,8 @@ def test_bank_simulator_and_connector_state_from_the_command_line(switch, tmp_pa
              env=key_env)
         added = json.loads(_cli("admin", "terminal", "add", "TBNK0001", "--merchant", "MBNK00000000001",
                                 "--json", *db, env=key_env).stdout)
-        _cli("admin", "card", "add", "6288883333444455556", "--name", "Wei", "--pin", "135790", *db, env=key_env)
+        _cli("admin", "card", "add", "6288883333444455556", "--name", "Wei", "--pin", "-", *db, env=key_env,
+             stdin="135790\n")
         sim = ["--port", str(server.cup), "--terminal", "TBNK0001", "--merchant", "MBNK00000000001", "--json"]
         env = {"XDG_STATE_HOME": str(tmp_path / "state"), **key_env}
         _cli("sim", "terminal", "sign-on", *sim, "--tmk", added["tmk"], env=env)

@@ -12,7 +12,8 @@ async def _postings(network, card: str) -> int:
     try:
         return int(await con.fetchval(
             "SELECT count(*) FROM postings p JOIN cards c"
-            " ON c.account_id IN (p.debit_account_id, p.credit_account_id) WHERE c.card_number = $1", card))
+            " ON c.account_id IN (p.debit_account_id, p.credit_account_id) WHERE c.card_index = $1",
+            network.card_index(card)))
     finally:
         await con.close()
 

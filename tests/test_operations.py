@@ -223,7 +223,7 @@ async def test_card_and_terminal_declines(network, dialect):
     card = network.cards[0]
     con = await network.db()
     try:
-        await admin.set_card_status(con, network.cards[1], "blocked")
+        await admin.set_card_status(con, network.vault, network.cards[1], "blocked")
         await admin.set_terminal_status(con, network.terminal_ids[1], "disabled")
     finally:
         await con.close()

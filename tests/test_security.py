@@ -31,7 +31,7 @@ async def _requests(network, card: str) -> int:
     con = await network.db()
     try:
         return int(await con.fetchval(
-            "SELECT count(*) FROM requests WHERE card_number = $1 AND state = 'approved'", card))
+            "SELECT count(*) FROM requests WHERE card_index = $1 AND state = 'approved'", network.card_index(card)))
     finally:
         await con.close()
 
@@ -64,7 +64,8 @@ async def test_keys_are_sealed_at_rest_and_never_stored_in_clear(network):
     con = await network.db()
     try:
         row = await con.fetchrow("SELECT * FROM terminals WHERE terminal_id = $1", network.terminal_ids[0])
-        card = await con.fetchrow("SELECT pin_hash FROM cards WHERE card_number = $1", network.cards[0])
+        card = await con.fetchrow("SELECT pin_hash FROM cards WHERE card_index = $1",
+                                  network.card_index(network.cards[0]))
     finally:
         await con.close()
     dump = repr(dict(row)).encode() + b"".join(v for v in row.values() if isinstance(v, bytes))
@@ -206,9 +207,9 @@ async def test_pin_right_wrong_lockout_and_unlock(network):
     assert accrual.rc == "00", "accrual needs no PIN"
     con = await network.db()
     try:
-        shown = await admin.show_card(con, card)
+        shown = await admin.show_card(con, network.vault, card)
         assert shown["pin_locked"] is True and shown["pin_failures"] == 3
-        await admin.unlock_pin(con, card)
+        await admin.unlock_pin(con, network.vault, card)
     finally:
         await con.close()
     async with network.terminal(0) as term:
@@ -233,7 +234,7 @@ async def test_set_pin_changes_the_pin(network):
     card = network.cards[1]
     con = await network.db()
     try:
-        await admin.set_pin(con, card, "8642")
+        await admin.set_pin(con, network.vault, card, "8642")
     finally:
         await con.close()
     async with network.terminal(0) as term:
@@ -268,7 +269,7 @@ async def test_the_demo_scenario_at_debug_level_logs_no_card_pin_block_key_or_tr
         for mid, name, rate, tid in DEMO_MERCHANTS:
             await admin.add_merchant(con, mid, name, rate)
             tmks[tid] = bytes.fromhex((await admin.add_terminal(con, switch.vault, tid, mid))["tmk"])
-        await admin.add_card(con, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
+        await admin.add_card(con, switch.vault, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
     finally:
         await con.close()
     captured = io.StringIO()

@@ -83,7 +83,9 @@ def listener_security(lc: ListenerConfig) -> Security:
 
 
 @contextlib.asynccontextmanager
-async def database(config: Config, dsn: str, vault: Vault | None = None) -> AsyncIterator[asyncpg.Pool]:
+async def database(config: Config, dsn: str, vault: Vault) -> AsyncIterator[asyncpg.Pool]:
+    """The pool of a migrated database whose master key is ``vault``'s, with the
+    vault's data keys loaded."""
     pool = await create_pool(
         dsn,
         min_size=config.database.pool_min_size,
@@ -92,9 +94,9 @@ async def database(config: Config, dsn: str, vault: Vault | None = None) -> Asyn
     )
     try:
         async with pool.acquire() as con:
-            applied = await migrate(con)
-            if vault is not None:
-                await vault.check_database(con)
+            applied = await migrate(con, vault)
+            await vault.check_database(con)
+            await vault.load_data_keys(con)
         if applied:
             log.info("migrations applied", migrations=applied)
         yield pool

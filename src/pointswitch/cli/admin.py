@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from datetime import datetime
 from typing import Any
 
 from . import common
@@ -10,19 +12,26 @@ from .common import EXIT_USAGE
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from ..ledger import admin
+    from ..ledger import admin, audit
 
     what, action = args.what, args.action
+    # Secrets are read (from standard input) before anything else happens.
+    tmk = common.secret(getattr(args, "tmk", None), "--tmk", "terminal master key (32 hex digits)")
+    pin = common.secret(getattr(args, "pin", None), "--pin", "PIN")
     if what == "merchant" and action == "add":
         result = common.with_db(args, lambda c, v: admin.add_merchant(
             c, args.merchant_id, args.name, args.earn_rate, args.issue_price, args.redeem_value))
+    elif what == "merchant" and action == "update":
+        result = common.with_db(args, lambda c, v: admin.update_merchant(
+            c, args.merchant_id, name=args.name, earn_rate=args.earn_rate, issue_price=args.issue_price,
+            redeem_value=args.redeem_value, status=args.status))
     elif what == "merchant" and action == "list":
         result = common.with_db(args, lambda c, v: admin.list_merchants(c))
     elif what == "terminal" and action == "add":
         result = common.with_db(args, lambda c, v: admin.add_terminal(
-            c, v, args.terminal_id, args.merchant, args.status, args.tmk))
+            c, v, args.terminal_id, args.merchant, args.status, tmk))
     elif what == "terminal" and action == "rekey":
-        result = common.with_db(args, lambda c, v: admin.rekey_terminal(c, v, args.terminal_id, args.tmk))
+        result = common.with_db(args, lambda c, v: admin.rekey_terminal(c, v, args.terminal_id, tmk))
     elif what == "terminal" and action == "list":
         result = common.with_db(args, lambda c, v: admin.list_terminals(c, merchant_id=args.merchant))
     elif what == "terminal" and action in ("disable", "enable"):
@@ -30,26 +39,37 @@ def cmd_admin(args: argparse.Namespace) -> int:
         result = common.with_db(args, lambda c, v: admin.set_terminal_status(c, args.terminal_id, status))
     elif what == "card" and action == "add":
         result = common.with_db(args, lambda c, v: admin.add_card(
-            c, args.card_number, args.name, args.phone, args.pin, args.status))
+            c, v, args.card_number, args.name, args.phone, pin, args.status))
     elif what == "card" and action in ("block", "unblock"):
         status = "blocked" if action == "block" else "active"
-        result = common.with_db(args, lambda c, v: admin.set_card_status(c, args.card_number, status))
+        result = common.with_db(args, lambda c, v: admin.set_card_status(c, v, args.card_number, status))
     elif what == "card" and action == "set-pin":
-        result = common.with_db(args, lambda c, v: admin.set_pin(c, args.card_number, args.pin))
+        assert pin is not None  # a required option
+        result = common.with_db(args, lambda c, v: admin.set_pin(c, v, args.card_number, pin))
     elif what == "card" and action == "unlock-pin":
-        result = common.with_db(args, lambda c, v: admin.unlock_pin(c, args.card_number))
+        result = common.with_db(args, lambda c, v: admin.unlock_pin(c, v, args.card_number))
     elif what == "card" and action == "show":
-        result = common.with_db(args, lambda c, v: admin.show_card(c, args.card_number, args.postings))
+        result = common.with_db(args, lambda c, v: admin.show_card(
+            c, v, args.card_number, args.postings, reveal=args.reveal))
     elif what == "check":
         problems = common.with_db(args, lambda c, v: admin.check_invariants(c))
         common.print_result({"ok": not problems, "problems": problems}, args.json,
                lambda d: "all ledger invariants hold" if d["ok"] else "\n".join(d["problems"]))
         return 0 if not problems else 1
     elif what == "seed":
-        result = common.with_db(args, lambda c, v: _seed(c, v, args))
+        assert pin is not None  # it has a default
+        result = common.with_db(args, lambda c, v: _seed(c, v, args, tmk, pin))
+        if not args.json and (result["terminals_skipped"] or result["cards_skipped"] or not result["merchant_created"]):
+            print(f"left as they are: {'the merchant, ' if not result['merchant_created'] else ''}"
+                  f"{result['terminals_skipped']} terminals that exist (keys unchanged),"
+                  f" {result['cards_skipped']} cards that exist (PINs unchanged)")
     elif what == "connectors":
         result = common.with_db(args, lambda c, v: admin.connectors(c))
         common.print_result(result, args.json, _connectors_text)
+        return 0
+    elif what == "audit":
+        result = common.with_db(args, lambda c, v: audit.entries(c, since=args.since, limit=args.limit))
+        common.print_result(result, args.json, _audit_text)
         return 0
     else:  # pragma: no cover - argparse prevents it
         return EXIT_USAGE
@@ -59,6 +79,24 @@ def cmd_admin(args: argparse.Namespace) -> int:
         result = {k: v for k, v in result.items() if k not in ("tmk",)}
     common.print_result(result, args.json)
     return 0
+
+
+def _audit_text(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no audit entries"
+    return "\n".join(
+        f"{r['at']}  {r['actor']:<10} {r['action']:<17} {r['target']:<20} {json.dumps(r['details'])}"
+        f"  ({r['origin']})"
+        for r in rows
+    )
+
+
+def _since(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time") from None
+    return at if at.tzinfo else at.astimezone()  # a time without zone is local time
 
 
 def _connectors_text(rows: list[dict[str, Any]]) -> str:
@@ -78,33 +116,14 @@ def _connectors_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-async def _seed(con: Any, vault: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """A merchant, N terminals and N cards for load tests (idempotent). All load
-    terminals share one master key and all load cards one PIN hash: load-test data only."""
-    import secrets
-
-    from ..codecs import crypto
+async def _seed(con: Any, vault: Any, args: argparse.Namespace, tmk: str | None, pin: str) -> dict[str, Any]:
     from ..ledger import admin
-    from ..simulators.load import card_number, terminal_id
+    from ..simulators.load import terminal_id
 
-    tmk_hex = (args.tmk or secrets.token_hex(16)).upper()
-    pin_hash = admin.hash_pin(args.pin)
-    try:
-        await admin.add_merchant(con, args.merchant, "Load Test Merchant", args.earn_rate)
-    except admin.AdminError:
-        pass
-    existing = {t["terminal_id"] for t in await admin.list_terminals(con, merchant_id=args.merchant)}
-    for n in range(1, args.terminals + 1):
-        tid = terminal_id(args.terminal_prefix, n)
-        if tid not in existing:
-            await admin.add_terminal(con, vault, tid, args.merchant, tmk_hex=tmk_hex)
-        else:
-            await admin.rekey_terminal(con, vault, tid, tmk_hex)
-    first = int(args.first_card)
-    await admin.add_cards_in_bulk(con, first, args.cards, pin_hash)
-    return {"merchant_id": args.merchant, "terminals": args.terminals, "cards": args.cards,
-            "first_card": card_number(first, 0), "terminal_prefix": args.terminal_prefix,
-            "tmk": tmk_hex, "tmk_check_value": crypto.check_value(bytes.fromhex(tmk_hex)).hex().upper()}
+    return await admin.seed(
+        con, vault, merchant_id=args.merchant, earn_rate=args.earn_rate,
+        terminal_ids=[terminal_id(args.terminal_prefix, n) for n in range(1, args.terminals + 1)],
+        first_card=int(args.first_card), cards=args.cards, pin=pin, tmk_hex=tmk)
 
 
 def admin_cmd(parent: Any, name: str, help_text: str, func: Any = None) -> argparse.ArgumentParser:
@@ -129,6 +148,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp.add_argument("--earn-rate", required=True, help="points per yuan spent")
     sp.add_argument("--issue-price", default="1", help="fen the merchant pays per point issued (clearing)")
     sp.add_argument("--redeem-value", default="1", help="fen one point is worth when spent here")
+    sp = admin_cmd(m, "update", "change a merchant's name, rates or status")
+    sp.add_argument("merchant_id")
+    sp.add_argument("--name")
+    sp.add_argument("--earn-rate", help="points per yuan spent")
+    sp.add_argument("--issue-price", help="fen the merchant pays per point issued (clearing)")
+    sp.add_argument("--redeem-value", help="fen one point is worth when spent here")
+    sp.add_argument("--status", choices=["active", "suspended"], help="suspended: its terminals are declined 03")
     admin_cmd(m, "list", "list merchants")
 
     t = asub.add_parser("terminal").add_subparsers(dest="action", required=True)
@@ -136,10 +162,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp.add_argument("terminal_id")
     sp.add_argument("--merchant", required=True)
     sp.add_argument("--status", default="active", choices=["active", "disabled"])
-    sp.add_argument("--tmk", help="import this terminal master key (32 hex digits) instead of generating one")
+    sp.add_argument("--tmk", metavar="-", help="import a terminal master key (32 hex digits) instead of generating"
+                    " one: '-' reads it from standard input")
     sp = admin_cmd(t, "rekey", "replace a terminal's master key (it must sign on again)")
     sp.add_argument("terminal_id")
-    sp.add_argument("--tmk", help="the new master key (32 hex digits); default: generate one")
+    sp.add_argument("--tmk", metavar="-", help="import the new master key (32 hex digits): '-' reads it from"
+                    " standard input; default: generate one")
     sp = admin_cmd(t, "list", "list terminals")
     sp.add_argument("--merchant")
     for action in ("disable", "enable"):
@@ -150,23 +178,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp.add_argument("card_number")
     sp.add_argument("--name", required=True)
     sp.add_argument("--phone", default="")
-    sp.add_argument("--pin", help="PIN (stored as a salted scrypt hash)")
+    sp.add_argument("--pin", metavar="-", help="set a PIN: '-' reads it from standard input")
     sp.add_argument("--status", default="active", choices=["active", "blocked"])
     for action in ("block", "unblock"):
         admin_cmd(c, action, f"{action} a card").add_argument("card_number")
     sp = admin_cmd(c, "set-pin", "set a card's PIN (clears failed tries and a PIN lock)")
     sp.add_argument("card_number")
-    sp.add_argument("--pin", required=True)
+    sp.add_argument("--pin", metavar="-", required=True, help="'-': read the PIN from standard input")
     admin_cmd(c, "unlock-pin", "unlock a card locked after too many wrong PINs").add_argument("card_number")
     sp = admin_cmd(c, "show", "a card's balance and postings")
     sp.add_argument("card_number")
     sp.add_argument("--postings", type=int, default=50, help="how many recent postings")
+    sp.add_argument("--reveal", action="store_true",
+                    help="show the card number, holder name and phone in clear (recorded in the audit trail)")
 
     sp = admin_cmd(asub, "connectors", "upstream connectors as the running switch last reported them")
     sp.set_defaults(action="list")
     sp = admin_cmd(asub, "check", "verify the ledger invariants")
     sp.set_defaults(action="check")
-    sp = admin_cmd(asub, "seed", "create a load-test merchant, terminals and cards")
+    sp = admin_cmd(asub, "seed", "create the load-test merchant, terminals and cards that do not exist")
     sp.set_defaults(action="seed")
     sp.add_argument("--merchant", default="MLOAD0000000001")
     sp.add_argument("--earn-rate", default="1")
@@ -174,6 +204,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp.add_argument("--terminal-prefix", default="L")
     sp.add_argument("--cards", type=int, default=1000)
     sp.add_argument("--first-card", default="6288990000000000")
-    sp.add_argument("--tmk", help="master key for all load terminals (default: generated and printed)")
-    sp.add_argument("--pin", default="123456", help="PIN of all load cards")
+    sp.add_argument("--tmk", metavar="-", help="master key of the load terminals created: '-' reads it from"
+                    " standard input (default: generated and printed)")
+    sp.add_argument("--pin", metavar="-", default="123456", help="PIN of the load cards created: '-' reads it from"
+                    " standard input, after --tmk - (default: 123456)")
+    sp = admin_cmd(asub, "audit", "the audit trail: who changed what, and who revealed card data")
+    sp.set_defaults(action="list")
+    sp.add_argument("--since", type=_since, help="entries at or after this ISO 8601 time (local time if no zone)")
+    sp.add_argument("--limit", type=int, default=100, help="the latest N entries (default 100)")
     return asub

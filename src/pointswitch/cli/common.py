@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -49,6 +50,34 @@ def print_result(data: Any, as_json: bool, text: Callable[[Any], str] | None = N
             for p in row.get("postings", []) if isinstance(row, dict) else []:
                 print(f"    {p['at']}  {p['points']:>+8}  {p['operation']:<16} {p['reason']:<9}"
                       f" merchant={p['merchant_id']} terminal={p['terminal_id']} rrn={p['rrn']}")
+
+
+STDIN = "-"  # a secret option's value meaning "read it from standard input"
+
+
+def secret(value: str | None, option: str, what: str, *, literal_ok: bool = False) -> str | None:
+    """The value of a secret option (``--pin``, ``--tmk``).
+
+    ``-`` reads one line from standard input; on an interactive terminal it
+    prompts without echo. A literal value is refused (unless ``literal_ok``, for
+    the simulators): it would show in the process list and the shell history."""
+    if value is None:
+        return None
+    if value != STDIN:
+        if literal_ok:
+            return value
+        print(f"pointswitch: {option} takes no value on the command line, where it would show in the process"
+              f" list and the shell history: give {option} {STDIN} and type the {what} when asked, or pipe it"
+              f" on standard input", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    if sys.stdin is not None and sys.stdin.isatty():
+        text = getpass.getpass(f"{what}: ")
+    else:
+        text = sys.stdin.readline() if sys.stdin is not None else ""
+    text = text.strip()
+    if not text:
+        sys.exit(f"pointswitch: {option} {STDIN}: no {what} on standard input")
+    return text
 
 
 def yuan_to_fen(text: str) -> int:

@@ -79,7 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     await admin.add_merchant(con, mid, name, rate)
                     added = await admin.add_terminal(con, vault, tid, mid)
                     tmks[tid] = bytes.fromhex(added["tmk"])  # "loaded into the terminal"
-                await admin.add_card(con, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
+                await admin.add_card(con, vault, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
             host, port = running.address("cup")
             for connector in running.connectors.values():
                 await connector.wait_available(5)
@@ -99,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(1.0)  # and for the bank's late answer, which changes nothing
                 problems = await admin.check_invariants(con)
-                card = await admin.show_card(con, DEMO_CARD, postings_limit=0)
+                card = await admin.show_card(con, vault, DEMO_CARD, postings_limit=0)
                 merchants = await admin.list_merchants(con)
             print("\nmerchants (points issued / redeemed, derived from the journal):")
             for m in merchants:

@@ -38,17 +38,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from ..app import database, resolve_dsn
+    from ..ledger.vault import VaultError
 
     cfg = common.config(args)
     logs.configure(cfg.log_level)
+    if cfg.database.dsn:
+        common.vault(cfg, False)  # refuse before anything when the key is unusable
     dsn, embedded = resolve_dsn(cfg)
+    vault = common.vault(cfg, embedded is not None)  # converting clear card data needs the vault
 
     async def run() -> None:
-        async with database(cfg, dsn):
+        async with database(cfg, dsn, vault):
             pass
 
     try:
         asyncio.run(run())
+    except VaultError as exc:
+        sys.exit(f"pointswitch: {exc}")
     finally:
         if embedded:
             embedded.stop()

@@ -58,6 +58,9 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
     if state_file.exists():
         state = json.loads(state_file.read_text())
 
+    # A test tool: literal values are accepted, and '-' reads from standard input.
+    args.tmk = common.secret(args.tmk, "--tmk", "terminal master key", literal_ok=True)
+    args.pin = common.secret(args.pin, "--pin", "PIN", literal_ok=True)
     if args.tmk:
         state["tmk"] = args.tmk.upper()  # "loading the master key into the terminal"
 
@@ -130,6 +133,8 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
     from ..app import install_uvloop
     from ..simulators.load import LoadPlan, run_load
 
+    tmk = common.secret(args.tmk, "--tmk", "terminal master key", literal_ok=True)
+    pin = common.secret(args.pin, "--pin", "PIN", literal_ok=True)
     mix = {}
     for part in args.mix.split(","):
         name, _, weight = part.partition("=")
@@ -142,7 +147,7 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
         duration_s=None if args.count else args.duration, count=args.count,
         first_card=int(args.first_card), cards=args.cards, mix=mix, dialect=args.dialect,
         framing=args.framing, seed=args.seed,
-        tmk=bytes.fromhex(args.tmk) if args.tmk else None, pin=args.pin,
+        tmk=bytes.fromhex(tmk) if tmk else None, pin=pin or "",
     )
     install_uvloop()
     report = asyncio.run(run_load(plan, progress=None if args.json else sys.stderr))
@@ -166,8 +171,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     st.add_argument("--trace", help="trace of the original (void, refund, reverse)")
     st.add_argument("--bank-card", help="the bank card to credit (cash-out, field 48)")
     st.add_argument("--policy", help="the policy whose premium is paid (insurance, field 48)")
-    st.add_argument("--tmk", help="load this terminal master key (32 hex digits); kept in the terminal's state")
-    st.add_argument("--pin", help="the member's PIN, typed on the PIN pad (inquiry, redeem)")
+    st.add_argument("--tmk", help="load this terminal master key (32 hex digits; '-' reads it from standard"
+                    " input); kept in the terminal's state")
+    st.add_argument("--pin", help="the member's PIN, typed on the PIN pad (inquiry, redeem; '-' reads it from"
+                    " standard input)")
     st.add_argument("--key-scheme", default="003", choices=["001", "003", "004"], help="sign-on 60.3")
     st.add_argument("--tamper", action="store_true",
                     help="change one byte of the message after its MAC was computed (shows the A0 path)")
@@ -206,8 +213,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sl.add_argument("--first-card", default="6288990000000000")
     sl.add_argument("--mix", default="accrue=80,inquiry=10,redeem=10")
     sl.add_argument("--seed", type=int, default=None, help="random seed (default: fresh each run)")
-    sl.add_argument("--tmk", help="master key of the load terminals (from admin seed)")
-    sl.add_argument("--pin", default="123456", help="PIN of the load cards")
+    sl.add_argument("--tmk", help="master key of the load terminals (from admin seed; '-' reads it from standard"
+                    " input)")
+    sl.add_argument("--pin", default="123456", help="PIN of the load cards ('-' reads it from standard input)")
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=cmd_sim_load)
 

@@ -1,7 +1,9 @@
-"""Operator functions over the ledger: merchants, terminals, cards, invariants.
+"""Operator functions over the ledger: merchants, terminals, load-test data, invariants.
 
-Used by ``pointswitch admin``; they work while the switch runs (plain
-transactions on the same database).
+Cards are in :mod:`.cards` (re-exported here). Used by ``pointswitch admin``;
+they work while the switch runs (plain transactions on the same database).
+Every function that changes something records one audit entry in the same
+transaction as the change.
 """
 
 from __future__ import annotations
@@ -14,12 +16,19 @@ from typing import Any
 import asyncpg
 
 from ..codecs import crypto
+from . import audit
+from .carddata import mask_card
+from .cards import add_card, add_cards_in_bulk, set_card_status, set_pin, show_card, unlock_pin
+from .errors import AdminError
 from .pins import hash_pin
 from .vault import Vault
 
-
-class AdminError(ValueError):
-    """A refusal an operator can act on (unknown id, bad value, duplicate)."""
+__all__ = [
+    "AdminError", "add_card", "add_cards_in_bulk", "add_merchant", "add_terminal", "check_invariants", "connectors",
+    "get_merchant", "hash_pin", "list_merchants", "list_terminals", "mask_card", "rekey_terminal", "seed",
+    "set_card_status", "set_pin", "set_terminal_status", "show_card", "unlock_pin", "update_merchant",
+    "upstream_reversals",
+]
 
 
 def _decimal(value: Any, what: str) -> Decimal:
@@ -40,27 +49,71 @@ async def _account(con: asyncpg.Connection, kind: str, owner: str) -> int:
     ))
 
 
-async def add_merchant(con: asyncpg.Connection, merchant_id: str, name: str, earn_rate: Any,
-                       issue_price: Any = 1, redeem_value: Any = 1) -> dict[str, Any]:
-    if not re.fullmatch(r"[\x21-\x7e]{1,15}", merchant_id):
-        raise AdminError("a merchant id is 1 to 15 printable characters (field 42)")
+# -- merchants ---------------------------------------------------------------------
+def _rates(earn_rate: Any, issue_price: Any, redeem_value: Any) -> tuple[Decimal, Decimal, Decimal]:
     rate = _decimal(earn_rate, "earn rate")
     price = _decimal(issue_price, "issue price")
     value = _decimal(redeem_value, "redemption value")
     if value == 0:
         raise AdminError("redemption value per point must be above zero")
+    return rate, price, value
+
+
+async def _insert_merchant(con: asyncpg.Connection, merchant_id: str, name: str, rate: Decimal, price: Decimal,
+                           value: Decimal) -> None:
+    issued = await _account(con, "merchant_issued", merchant_id)
+    redeemed = await _account(con, "merchant_redeemed", merchant_id)
+    try:
+        await con.execute(
+            "INSERT INTO merchants (merchant_id, name, earn_rate_points_per_yuan,"
+            " issue_price_fen_per_point, redeem_value_fen_per_point, issued_account_id,"
+            " redeemed_account_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            merchant_id, name, rate, price, value, issued, redeemed,
+        )
+    except asyncpg.UniqueViolationError:
+        raise AdminError(f"merchant {merchant_id} exists") from None
+
+
+async def add_merchant(con: asyncpg.Connection, merchant_id: str, name: str, earn_rate: Any,
+                       issue_price: Any = 1, redeem_value: Any = 1) -> dict[str, Any]:
+    if not re.fullmatch(r"[\x21-\x7e]{1,15}", merchant_id):
+        raise AdminError("a merchant id is 1 to 15 printable characters (field 42)")
+    rate, price, value = _rates(earn_rate, issue_price, redeem_value)
     async with con.transaction():
-        issued = await _account(con, "merchant_issued", merchant_id)
-        redeemed = await _account(con, "merchant_redeemed", merchant_id)
-        try:
+        await _insert_merchant(con, merchant_id, name, rate, price, value)
+        await audit.record(con, "merchant.add", merchant_id, {
+            "name": name, "earn_rate_points_per_yuan": str(rate), "issue_price_fen_per_point": str(price),
+            "redeem_value_fen_per_point": str(value)})
+    return await get_merchant(con, merchant_id)
+
+
+_MERCHANT_COLUMNS = ("name", "earn_rate_points_per_yuan", "issue_price_fen_per_point", "redeem_value_fen_per_point",
+                     "status")
+
+
+async def update_merchant(con: asyncpg.Connection, merchant_id: str, *, name: str | None = None,
+                          earn_rate: Any = None, issue_price: Any = None, redeem_value: Any = None,
+                          status: str | None = None) -> dict[str, Any]:
+    """Change a merchant's name, rates or status (``active``, ``suspended``: its
+    terminals are declined 03). Only what is given changes; nothing given is refused."""
+    if status is not None and status not in ("active", "suspended"):
+        raise AdminError("merchant status is active or suspended")
+    async with con.transaction():
+        row = await con.fetchrow("SELECT * FROM merchants WHERE merchant_id = $1 FOR UPDATE", merchant_id)
+        if row is None:
+            raise AdminError(f"no merchant {merchant_id}")
+        given = [name, earn_rate, issue_price, redeem_value, status]
+        if all(v is None for v in given):
+            raise AdminError("nothing to change: give a name, a rate or a status")
+        old = [row[c] for c in _MERCHANT_COLUMNS]
+        rate, price, value = _rates(*(old[i] if given[i] is None else given[i] for i in (1, 2, 3)))
+        new = [name if name is not None else row["name"], rate, price, value, status or row["status"]]
+        changes = {c: [str(o), str(n)] for c, o, n in zip(_MERCHANT_COLUMNS, old, new, strict=True) if o != n}
+        if changes:
             await con.execute(
-                "INSERT INTO merchants (merchant_id, name, earn_rate_points_per_yuan,"
-                " issue_price_fen_per_point, redeem_value_fen_per_point, issued_account_id,"
-                " redeemed_account_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                merchant_id, name, rate, price, value, issued, redeemed,
-            )
-        except asyncpg.UniqueViolationError:
-            raise AdminError(f"merchant {merchant_id} exists") from None
+                "UPDATE merchants SET name = $2, earn_rate_points_per_yuan = $3, issue_price_fen_per_point = $4,"
+                " redeem_value_fen_per_point = $5, status = $6 WHERE merchant_id = $1", merchant_id, *new)
+            await audit.record(con, "merchant.update", merchant_id, {"changes": changes})
     return await get_merchant(con, merchant_id)
 
 
@@ -116,14 +169,8 @@ def _with_key(terminal: dict[str, Any], tmk: bytes) -> dict[str, Any]:
     return {**terminal, "tmk": tmk.hex().upper(), "tmk_check_value": crypto.check_value(tmk).hex().upper()}
 
 
-async def add_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str, merchant_id: str,
-                       status: str = "active", tmk_hex: str | None = None) -> dict[str, Any]:
-    """Register a terminal with a master key (generated, or imported from hex)."""
-    if not re.fullmatch(r"[\x21-\x7e]{1,8}", terminal_id):
-        raise AdminError("a terminal id is 1 to 8 printable characters (field 41)")
-    if status not in ("active", "disabled"):
-        raise AdminError("terminal status is active or disabled")
-    tmk = _tmk(tmk_hex)
+async def _insert_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str, merchant_id: str,
+                           status: str, tmk: bytes) -> None:
     try:
         await con.execute(
             "INSERT INTO terminals (terminal_id, merchant_id, status, tmk_sealed, tmk_kcv)"
@@ -135,6 +182,22 @@ async def add_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str, 
         raise AdminError(f"terminal {terminal_id} exists") from None
     except asyncpg.ForeignKeyViolationError:
         raise AdminError(f"no merchant {merchant_id}") from None
+
+
+async def add_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str, merchant_id: str,
+                       status: str = "active", tmk_hex: str | None = None) -> dict[str, Any]:
+    """Register a terminal with a master key (generated, or imported from hex). The
+    result carries the key in clear: the one time it is shown."""
+    if not re.fullmatch(r"[\x21-\x7e]{1,8}", terminal_id):
+        raise AdminError("a terminal id is 1 to 8 printable characters (field 41)")
+    if status not in ("active", "disabled"):
+        raise AdminError("terminal status is active or disabled")
+    tmk = _tmk(tmk_hex)
+    async with con.transaction():
+        await _insert_terminal(con, vault, terminal_id, merchant_id, status, tmk)
+        await audit.record(con, "terminal.add", terminal_id, {
+            "merchant_id": merchant_id, "status": status, "tmk_imported": tmk_hex is not None,
+            "tmk_check_value": crypto.check_value(tmk).hex().upper()})
     return _with_key((await list_terminals(con, terminal_id=terminal_id))[0], tmk)
 
 
@@ -143,22 +206,28 @@ async def rekey_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str
     """Replace a terminal's master key. Its working keys die with the old one: it
     must be loaded with the new key and sign on again."""
     tmk = _tmk(tmk_hex)
-    done = await con.execute(
-        "UPDATE terminals SET tmk_sealed = $2, tmk_kcv = $3, session_state = 'none',"
-        " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
-        terminal_id, vault.seal(tmk, f"tmk:{terminal_id}"), crypto.check_value(tmk).hex().upper(),
-    )
-    if done.endswith(" 0"):
-        raise AdminError(f"no terminal {terminal_id}")
+    kcv = crypto.check_value(tmk).hex().upper()
+    async with con.transaction():
+        done = await con.execute(
+            "UPDATE terminals SET tmk_sealed = $2, tmk_kcv = $3, session_state = 'none',"
+            " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
+            terminal_id, vault.seal(tmk, f"tmk:{terminal_id}"), kcv,
+        )
+        if done.endswith(" 0"):
+            raise AdminError(f"no terminal {terminal_id}")
+        await audit.record(con, "terminal.rekey", terminal_id,
+                           {"tmk_imported": tmk_hex is not None, "tmk_check_value": kcv})
     return _with_key((await list_terminals(con, terminal_id=terminal_id))[0], tmk)
 
 
 async def set_terminal_status(con: asyncpg.Connection, terminal_id: str, status: str) -> dict[str, Any]:
     if status not in ("active", "disabled"):
         raise AdminError("terminal status is active or disabled")
-    done = await con.execute("UPDATE terminals SET status = $2 WHERE terminal_id = $1", terminal_id, status)
-    if done.endswith(" 0"):
-        raise AdminError(f"no terminal {terminal_id}")
+    async with con.transaction():
+        done = await con.execute("UPDATE terminals SET status = $2 WHERE terminal_id = $1", terminal_id, status)
+        if done.endswith(" 0"):
+            raise AdminError(f"no terminal {terminal_id}")
+        await audit.record(con, "terminal.disable" if status == "disabled" else "terminal.enable", terminal_id)
     return (await list_terminals(con, terminal_id=terminal_id))[0]
 
 
@@ -185,105 +254,38 @@ async def list_terminals(con: asyncpg.Connection, *, merchant_id: str | None = N
     ]
 
 
-def mask_card(card_number: str) -> str:
-    """First 6 and last 4 digits, the rest masked: what logs and screens may show."""
-    if len(card_number) <= 10:
-        return "*" * len(card_number)
-    return card_number[:6] + "*" * (len(card_number) - 10) + card_number[-4:]
-
-
-async def add_card(con: asyncpg.Connection, card_number: str, holder_name: str, phone: str = "",
-                   pin: str | None = None, status: str = "active") -> dict[str, Any]:
-    if not re.fullmatch(r"[0-9]{12,19}", card_number):
-        raise AdminError("a card number is 12 to 19 digits")
-    if status not in ("active", "blocked"):
-        raise AdminError("card status is active or blocked")
-    pin_hash = hash_pin(pin) if pin else None
-    async with con.transaction():
-        account = await _account(con, "card", card_number)
-        try:
-            await con.execute(
-                "INSERT INTO cards (card_number, holder_name, phone, pin_hash, status, account_id)"
-                " VALUES ($1, $2, $3, $4, $5, $6)",
-                card_number, holder_name, phone, pin_hash, status, account,
-            )
-        except asyncpg.UniqueViolationError:
-            raise AdminError(f"card {mask_card(card_number)} exists") from None
-    return await show_card(con, card_number, postings_limit=0)
-
-
-async def set_card_status(con: asyncpg.Connection, card_number: str, status: str) -> dict[str, Any]:
-    done = await con.execute(
-        "UPDATE cards SET status = $2, updated_at = now() WHERE card_number = $1", card_number, status
-    )
-    if done.endswith(" 0"):
-        raise AdminError(f"no card {mask_card(card_number)}")
-    return await show_card(con, card_number, postings_limit=0)
-
-
-async def set_pin(con: asyncpg.Connection, card_number: str, pin: str) -> dict[str, Any]:
-    """Set a card's PIN (stored as a salted scrypt hash); clears failed tries and a PIN lock."""
+# -- load-test data ------------------------------------------------------------------
+async def seed(con: asyncpg.Connection, vault: Vault, *, merchant_id: str, earn_rate: Any, terminal_ids: list[str],
+               first_card: int, cards: int, pin: str, tmk_hex: str | None = None) -> dict[str, Any]:
+    """A merchant, terminals and cards for load tests; creates only what does not
+    exist. Existing terminals keep their keys and existing cards their PINs. All
+    terminals created share one master key (returned, the one time it is shown)
+    and all cards created one PIN: load-test data only. One audit entry."""
     pin_hash = hash_pin(pin)
-    done = await con.execute(
-        "UPDATE cards SET pin_hash = $2, pin_failures = 0, pin_locked = false, updated_at = now()"
-        " WHERE card_number = $1", card_number, pin_hash,
-    )
-    if done.endswith(" 0"):
-        raise AdminError(f"no card {mask_card(card_number)}")
-    return await show_card(con, card_number, postings_limit=0)
-
-
-async def unlock_pin(con: asyncpg.Connection, card_number: str) -> dict[str, Any]:
-    done = await con.execute(
-        "UPDATE cards SET pin_failures = 0, pin_locked = false, updated_at = now() WHERE card_number = $1",
-        card_number,
-    )
-    if done.endswith(" 0"):
-        raise AdminError(f"no card {mask_card(card_number)}")
-    return await show_card(con, card_number, postings_limit=0)
-
-
-async def show_card(con: asyncpg.Connection, card_number: str, postings_limit: int = 50) -> dict[str, Any]:
-    card = await con.fetchrow(
-        "SELECT card_number, holder_name, phone, status, points_balance, account_id,"
-        " pin_hash IS NOT NULL AS has_pin, pin_failures, pin_locked, created_at FROM cards WHERE card_number = $1",
-        card_number,
-    )
-    if card is None:
-        raise AdminError(f"no card {mask_card(card_number)}")
-    postings = await con.fetch(
-        "SELECT p.posting_id, p.reason, p.amount_points, p.created_at, p.debit_account_id,"
-        " r.operation, r.terminal_id, r.merchant_id, r.rrn, r.trace, r.batch"
-        " FROM postings p JOIN requests r USING (request_id)"
-        " WHERE p.debit_account_id = $1 OR p.credit_account_id = $1"
-        " ORDER BY p.posting_id DESC LIMIT $2",
-        card["account_id"], postings_limit,
-    )
-    return {
-        "card_number": card["card_number"],
-        "holder_name": card["holder_name"],
-        "phone": card["phone"],
-        "status": card["status"],
-        "has_pin": card["has_pin"],
-        "pin_failures": card["pin_failures"],
-        "pin_locked": card["pin_locked"],
-        "points_balance": card["points_balance"],
-        "postings": [
-            {
-                "posting_id": p["posting_id"],
-                "at": p["created_at"].isoformat(),
-                "reason": p["reason"],
-                "operation": p["operation"],
-                "points": -p["amount_points"] if p["debit_account_id"] == card["account_id"] else p["amount_points"],
-                "merchant_id": p["merchant_id"],
-                "terminal_id": p["terminal_id"],
-                "batch": p["batch"],
-                "trace": p["trace"],
-                "rrn": p["rrn"],
-            }
-            for p in postings
-        ],
-    }
+    async with con.transaction():
+        merchant_exists = await con.fetchval("SELECT 1 FROM merchants WHERE merchant_id = $1", merchant_id)
+        if not merchant_exists:
+            rate, price, value = _rates(earn_rate, 1, 1)
+            await _insert_merchant(con, merchant_id, "Load Test Merchant", rate, price, value)
+        existing = {r["terminal_id"] for r in await con.fetch(
+            "SELECT terminal_id FROM terminals WHERE terminal_id = ANY($1::text[])", terminal_ids)}
+        new_ids = [t for t in terminal_ids if t not in existing]
+        tmk = _tmk(tmk_hex) if new_ids else None
+        for tid in new_ids:
+            assert tmk is not None
+            await _insert_terminal(con, vault, tid, merchant_id, "active", tmk)
+        cards_created, cards_skipped = await add_cards_in_bulk(con, vault, first_card, cards, pin_hash)
+        result: dict[str, Any] = {
+            "merchant_id": merchant_id, "merchant_created": not merchant_exists,
+            "terminals_created": len(new_ids), "terminals_skipped": len(existing),
+            "cards_created": cards_created, "cards_skipped": cards_skipped,
+            "first_card": mask_card(str(first_card)),
+        }
+        await audit.record(con, "seed", merchant_id, {
+            **result, "tmk_check_value": crypto.check_value(tmk).hex().upper() if tmk else None})
+    if tmk is not None:
+        result = _with_key(result, tmk)
+    return result
 
 
 async def check_invariants(con: asyncpg.Connection) -> list[str]:
@@ -293,12 +295,12 @@ async def check_invariants(con: asyncpg.Connection) -> list[str]:
     if total != 0:
         problems.append(f"sum over all accounts is {total}, not 0")
     rows = await con.fetch(
-        "SELECT c.card_number, c.points_balance, b.balance_points FROM cards c"
+        "SELECT c.pan_display, c.points_balance, b.balance_points FROM cards c"
         " JOIN account_balances b ON b.account_id = c.account_id"
         " WHERE c.points_balance <> b.balance_points LIMIT 10"
     )
     problems += [
-        f"card {mask_card(r['card_number'])}: balance {r['points_balance']} but journal says {r['balance_points']}"
+        f"card {r['pan_display']}: balance {r['points_balance']} but journal says {r['balance_points']}"
         for r in rows
     ]
     negative = await con.fetchval("SELECT count(*) FROM cards WHERE points_balance < 0")
@@ -340,22 +342,6 @@ async def connectors(con: asyncpg.Connection) -> list[dict[str, Any]]:
     rows = await con.fetch("SELECT name, state, updated_at FROM connector_status ORDER BY name")
     return [{"name": r["name"], "state": json.loads(r["state"]),
              "updated_at": r["updated_at"].isoformat(timespec="seconds")} for r in rows]
-
-
-async def add_cards_in_bulk(con: asyncpg.Connection, first: int, count: int, pin_hash: str) -> None:
-    """Cards ``first`` .. ``first + count - 1`` with one PIN hash (load-test data), in one
-    statement each: seeding 100k cards takes seconds. Existing ones get the PIN again."""
-    async with con.transaction():
-        await con.execute(
-            "INSERT INTO accounts (kind, owner) SELECT 'card', ($1::bigint + g)::text"
-            " FROM generate_series(0, $2 - 1) g ON CONFLICT DO NOTHING", first, count)
-        await con.execute(
-            "INSERT INTO cards (card_number, holder_name, account_id, points_balance, pin_hash)"
-            " SELECT a.owner, 'Load ' || a.owner, a.account_id, 0, $3 FROM accounts a"
-            " WHERE a.kind = 'card' AND a.owner ~ '^[0-9]+$'"
-            " AND a.owner::numeric BETWEEN $1::bigint AND $1::bigint + $2 - 1"
-            " ON CONFLICT (card_number) DO UPDATE SET pin_hash = EXCLUDED.pin_hash, pin_failures = 0,"
-            " pin_locked = false", first, count, pin_hash)
 
 
 async def upstream_reversals(con: asyncpg.Connection) -> list[dict[str, Any]]:

@@ -9,12 +9,15 @@ server, and it stops when the last of them exits.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from .vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,33 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(out)
 
 
-async def migrate(con: asyncpg.Connection) -> list[str]:
-    """Apply pending migrations, each in its own transaction. Returns their names."""
+# Work a migration needs that SQL cannot do (an HMAC or a seal under the vault's
+# keys): run after that migration's SQL, in its transaction, with the vault's
+# master key checked and its data keys loaded.
+PythonStep = Callable[[asyncpg.Connection, Vault], Awaitable[None]]
+
+
+def python_steps() -> dict[int, PythonStep]:
+    from .carddata import convert_clear_card_data
+
+    return {5: convert_clear_card_data}
+
+
+# Statements run after a migration commits, outside any transaction. 0006 drops
+# the clear card columns, but PostgreSQL keeps a dropped column's bytes in the
+# table files (and updated rows' old versions, and the planner's statistics of
+# accounts.owner) until the table is rewritten: rewrite those tables and their
+# indexes, and replace their statistics.
+_AFTER_COMMIT = {6: "VACUUM (FULL, ANALYZE) cards, accounts, requests"}
+
+
+async def migrate(con: asyncpg.Connection, vault: Vault, *, up_to: int | None = None) -> list[str]:
+    """Apply pending migrations (up to version ``up_to``), each in its own transaction.
+    Returns their names.
+
+    The vault is needed by the Python steps (converting clear card data); before
+    one runs, the master key is checked against the database and the data keys
+    are loaded (created on a new database)."""
     await con.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
         await con.execute(
@@ -122,13 +150,21 @@ async def migrate(con: asyncpg.Connection) -> list[str]:
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = {r["version"] for r in await con.fetch("SELECT version FROM schema_migrations")}
+        steps = python_steps()
         applied = []
         for version, name, sql in migrations():
-            if version in done:
+            if version in done or (up_to is not None and version > up_to):
                 continue
             async with con.transaction():
                 await con.execute(sql)
+                step = steps.get(version)
+                if step is not None:
+                    await vault.check_database(con)
+                    await vault.load_data_keys(con)
+                    await step(con, vault)
                 await con.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            if version in _AFTER_COMMIT:
+                await con.execute(_AFTER_COMMIT[version])
             applied.append(name)
             log.info("migration applied: %s", name)
         return applied

@@ -178,8 +178,11 @@ class Posting(Command):
     counterparty: str = field(default="", repr=False)  # bank card number or policy number (upstream operations)
     upstream: UpstreamLeg | None = field(default=None, compare=False)
 
-    def fingerprint(self) -> bytes:
-        """What must be equal for a retransmission to be the same request."""
+    def content_digest(self) -> bytes:
+        """SHA-256 of what must be equal for a retransmission to be the same request.
+
+        Memory only: it covers the clear card number, which is guessable, so the
+        request log stores it keyed (``Vault.fingerprint`` of this digest)."""
         content: dict[str, Any] = {
             "op": self.operation.value,
             "merchant": self.merchant_id,

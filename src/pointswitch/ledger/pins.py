@@ -58,12 +58,12 @@ class PinCheck:
         loop = asyncio.get_running_loop()
         if await loop.run_in_executor(self._pin_pool, verify_pin, pin, ctx["pin_hash"]):
             await con.execute(
-                "UPDATE cards SET pin_failures = 0 WHERE card_number = $1 AND pin_failures <> 0", card
+                "UPDATE cards SET pin_failures = 0 WHERE card_index = $1 AND pin_failures <> 0", card
             )
             return None
         locked = await con.fetchval(
             "UPDATE cards SET pin_failures = pin_failures + 1, pin_locked = pin_failures + 1 >= $2"
-            " WHERE card_number = $1 RETURNING pin_locked",
+            " WHERE card_index = $1 RETURNING pin_locked",
             card, self.max_pin_tries,
         )
         log.info("wrong PIN", card=card, locked=locked)

@@ -70,14 +70,14 @@ class ReversalQueue:
         card; returns how many (0 when none were waiting or it was acknowledged before)."""
         async with self._pool.acquire() as con, con.transaction():
             row = await con.fetchrow(
-                "SELECT u.*, r.card_number, r.operation, r.terminal_id, r.trace FROM upstream_reversals u"
+                "SELECT u.*, r.card_index, r.operation, r.terminal_id, r.trace FROM upstream_reversals u"
                 " JOIN requests r USING (request_id) WHERE u.reversal_id = $1 FOR UPDATE OF u", reversal_id,
             )
             if row is None or row["state"] == "acknowledged":
                 return 0
             points = row["points_on_ack"]
             if points:
-                moved = await self._ledger._move_card(con, row["card_number"], points)
+                moved = await self._ledger._move_card(con, row["card_index"], points)
                 assert moved is not None
                 source = await self._ledger.operator_account(con, _UPSTREAM_ACCOUNT[Operation(row["operation"])])
                 await self._ledger._post(con, row["request_id"], "reversal", source, moved[2], points)

@@ -13,6 +13,10 @@ then card row) and so keeps deadlocks away:
 
 Merchant and operator accounts are never updated in place: their balances are
 sums over ``postings`` (view ``account_balances``).
+
+Commands carry the card number as the terminal sent it; the ledger turns it into
+the card index (``Vault.card_index``) where a command enters, and only the index
+reaches SQL. The context row carries it on (``ctx["card_index"]``).
 """
 
 from __future__ import annotations
@@ -57,23 +61,23 @@ SELECT t.status AS terminal_status, t.merchant_id, t.current_batch,
        m.redeem_value_fen_per_point AS redeem_value,
        m.issued_account_id, m.redeemed_account_id,
        c.status AS card_status, c.account_id AS card_account_id, c.points_balance,
-       c.pin_hash, c.pin_locked,
+       c.pin_hash, c.pin_locked, $2::text AS card_index,
        lpad(nextval('rrn_seq')::text, 12, '0') AS rrn
 FROM terminals t
 JOIN merchants m USING (merchant_id)
-LEFT JOIN cards c ON c.card_number = $2
+LEFT JOIN cards c ON c.card_index = $2
 WHERE t.terminal_id = $1
 """
 
 _MOVE_CARD = """
 UPDATE cards SET points_balance = points_balance + $2, updated_at = now()
-WHERE card_number = $1 AND points_balance + $2 >= 0
+WHERE card_index = $1 AND points_balance + $2 >= 0
 RETURNING points_balance, account_id
 """
 
 _INSERT_REQUEST = """
 INSERT INTO requests (request_key, fingerprint, operation, state, status, terminal_id,
-                      merchant_id, card_number, amount_fen, points, batch, trace, rrn,
+                      merchant_id, card_index, amount_fen, points, batch, trace, rrn,
                       original_request_id, shortfall_points, outcome)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
 ON CONFLICT (request_key) DO NOTHING
@@ -176,8 +180,9 @@ class Ledger:
     # -- helpers ------------------------------------------------------------
     async def _context(self, con: asyncpg.Connection, cmd: Command, card: str | None
                        ) -> asyncpg.Record | Outcome:
-        """Terminal, merchant and card of a request, and a fresh retrieval reference;
-        or the refusal when the terminal is unknown, disabled or not of that merchant."""
+        """Terminal, merchant and card (by its card index) of a request, and a fresh
+        retrieval reference; or the refusal when the terminal is unknown, disabled or
+        not of that merchant."""
         ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, card)
         bad = self._check_terminal(ctx, cmd)
         if bad:
@@ -209,12 +214,12 @@ class Ledger:
     @staticmethod
     async def _move_card(con: asyncpg.Connection, card: str, delta: int, *, cap: bool = False
                          ) -> tuple[int, int, int] | None:
-        """Add ``delta`` points to a card. Returns (applied, new balance, account id),
+        """Add ``delta`` points to a card (by card index). Returns (applied, new balance, account id),
         or None when the balance would go below zero. With ``cap`` a debit takes
         what is there instead of failing (reversals and refunds must go through)."""
         if cap and delta < 0:
             row = await con.fetchrow(
-                "SELECT points_balance FROM cards WHERE card_number = $1 FOR UPDATE", card
+                "SELECT points_balance FROM cards WHERE card_index = $1 FOR UPDATE", card
             )
             if row is None:
                 return None
@@ -231,12 +236,15 @@ class Ledger:
         if points:
             await con.execute(_INSERT_POSTING, request_id, reason, debit, credit, points)
 
-    async def _log(self, con: asyncpg.Connection, cmd: Posting, outcome: Outcome, *,
+    def _fingerprint(self, cmd: Posting) -> bytes:
+        return self._vault.fingerprint(cmd.content_digest())
+
+    async def _log(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting, outcome: Outcome, *,
                    original_id: int | None = None, shortfall: int = 0) -> int:
         state = "approved" if outcome.approved else "pending" if outcome.status is Status.PENDING else "declined"
         request_id = await con.fetchval(
-            _INSERT_REQUEST, str(cmd.key), cmd.fingerprint(), cmd.operation.value, state,
-            outcome.status.value, cmd.terminal_id, cmd.merchant_id, cmd.card_number,
+            _INSERT_REQUEST, str(cmd.key), self._fingerprint(cmd), cmd.operation.value, state,
+            outcome.status.value, cmd.terminal_id, cmd.merchant_id, ctx["card_index"],
             cmd.amount_fen, outcome.points_moved, cmd.key.batch, cmd.key.trace, outcome.rrn,
             original_id, shortfall, outcome.to_json(),
         )
@@ -246,7 +254,7 @@ class Ledger:
 
     async def _inquire(self, cmd: Inquire) -> Outcome:
         async with self._pool.acquire() as con, con.transaction():
-            ctx = await self._context(con, cmd, cmd.card_number)
+            ctx = await self._context(con, cmd, self._vault.card_index(cmd.card_number))
             if isinstance(ctx, Outcome):
                 return ctx
             if ctx["card_status"] is None:
@@ -254,7 +262,7 @@ class Ledger:
             if ctx["card_status"] != "active":
                 return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
             if cmd.pin_required:
-                pin_problem = await self._pins.check(con, ctx, cmd.card_number, cmd.pin)
+                pin_problem = await self._pins.check(con, ctx, ctx["card_index"], cmd.pin)
                 if pin_problem:
                     return Outcome(pin_problem, rrn=ctx["rrn"], host_time=_now())
         balance = ctx["points_balance"]
@@ -268,18 +276,18 @@ class Ledger:
     async def _posting(self, cmd: Posting) -> Outcome:
         try:
             async with self._pool.acquire() as con, con.transaction():
-                ctx = await self._context(con, cmd, cmd.card_number)
+                ctx = await self._context(con, cmd, self._vault.card_index(cmd.card_number))
                 if isinstance(ctx, Outcome):
                     return ctx
                 step = _STEPS[cmd.operation]
                 return await step(self, con, ctx, cmd)
         except _KeyTaken:
-            return await self._replay(cmd.key, cmd.fingerprint())
+            return await self._replay(cmd.key, self._fingerprint(cmd))
 
     async def _decline(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting,
                        status: Status, balance: int | None = None) -> Outcome:
         outcome = Outcome(status, rrn=ctx["rrn"], host_time=_now(), points_balance=balance)
-        await self._log(con, cmd, outcome)
+        await self._log(con, ctx, cmd, outcome)
         return outcome
 
     def _approved(self, ctx: asyncpg.Record, points: int, balance: int) -> Outcome:
@@ -303,25 +311,25 @@ class Ledger:
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = earned_points(cmd.amount_fen, ctx["earn_rate"])
-        moved = await self._move_card(con, cmd.card_number, points)
+        moved = await self._move_card(con, ctx["card_index"], points)
         assert moved is not None
         outcome = self._approved(ctx, points, moved[1])
-        request_id = await self._log(con, cmd, outcome)
+        request_id = await self._log(con, ctx, cmd, outcome)
         await self._post(con, request_id, "accrue", ctx["issued_account_id"], moved[2], points)
         return outcome
 
     async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
         problem = self._card_problem(ctx, cmd, spending=True)
         if problem is None and cmd.pin_required:
-            problem = await self._pins.check(con, ctx, cmd.card_number, cmd.pin)
+            problem = await self._pins.check(con, ctx, ctx["card_index"], cmd.pin)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = points_for_value(cmd.amount_fen, ctx["redeem_value"])
-        moved = await self._move_card(con, cmd.card_number, -points)
+        moved = await self._move_card(con, ctx["card_index"], -points)
         if moved is None:
             return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
         outcome = self._approved(ctx, points, moved[1])
-        request_id = await self._log(con, cmd, outcome)
+        request_id = await self._log(con, ctx, cmd, outcome)
         await self._post(con, request_id, "redeem", moved[2], ctx["redeemed_account_id"], points)
         return outcome
 
@@ -339,7 +347,7 @@ class Ledger:
         target = Operation.ACCRUE if of_accrual else Operation.REDEEM
         orig = await self._original(con, cmd, cmd.original)
         if (orig is None or orig["state"] == "placeholder" or orig["operation"] != target.value
-                or orig["card_number"] != cmd.card_number
+                or orig["card_index"] != ctx["card_index"]
                 or (cmd.original.rrn and orig["rrn"] != cmd.original.rrn)):
             return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_FOUND)
         if (orig["state"] != "approved" or orig["voided_by"] is not None
@@ -349,11 +357,11 @@ class Ledger:
         if orig["amount_fen"] != cmd.amount_fen:
             return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
         points = orig["points"]
-        moved = await self._move_card(con, cmd.card_number, -points if of_accrual else points)
+        moved = await self._move_card(con, ctx["card_index"], -points if of_accrual else points)
         if moved is None:
             return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
         outcome = self._approved(ctx, points, moved[1])
-        request_id = await self._log(con, cmd, outcome, original_id=orig["request_id"])
+        request_id = await self._log(con, ctx, cmd, outcome, original_id=orig["request_id"])
         if of_accrual:
             await self._post(con, request_id, "void", moved[2], orig["issued_account_id"], points)
         else:
@@ -368,7 +376,7 @@ class Ledger:
         assert cmd.original is not None
         orig = await self._original(con, cmd, cmd.original)
         if (orig is None or orig["state"] == "placeholder" or orig["operation"] != Operation.ACCRUE.value
-                or orig["card_number"] != cmd.card_number):
+                or orig["card_index"] != ctx["card_index"]):
             return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_FOUND)
         if orig["state"] != "approved" or orig["voided_by"] is not None or orig["reversed_at"] is not None:
             return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_ELIGIBLE)
@@ -376,11 +384,11 @@ class Ledger:
             return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
         due = clawback_due(orig["points"], orig["amount_fen"], orig["refunded_fen"] + cmd.amount_fen,
                            orig["clawed_points"])
-        moved = await self._move_card(con, cmd.card_number, -due, cap=True)
+        moved = await self._move_card(con, ctx["card_index"], -due, cap=True)
         assert moved is not None
         taken = -moved[0]
         outcome = self._approved(ctx, taken, moved[1])
-        request_id = await self._log(con, cmd, outcome, original_id=orig["request_id"], shortfall=due - taken)
+        request_id = await self._log(con, ctx, cmd, outcome, original_id=orig["request_id"], shortfall=due - taken)
         await self._post(con, request_id, "refund", moved[2], orig["issued_account_id"], taken)
         await con.execute(
             "UPDATE requests SET refunded_fen = refunded_fen + $2, clawed_points = clawed_points + $3"
@@ -406,27 +414,27 @@ class Ledger:
         if problem is None and cmd.amount_fen < rule.min_amount_fen:
             problem = Status.INVALID_AMOUNT
         if problem is None and cmd.pin_required:
-            problem = await self._pins.check(con, ctx, cmd.card_number, cmd.pin)
+            problem = await self._pins.check(con, ctx, ctx["card_index"], cmd.pin)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         # The card row lock serialises this card's requests, so the daily total is exact.
-        await con.execute("SELECT 1 FROM cards WHERE card_number = $1 FOR UPDATE", cmd.card_number)
+        await con.execute("SELECT 1 FROM cards WHERE card_index = $1 FOR UPDATE", ctx["card_index"])
         today = await con.fetchval(
-            "SELECT coalesce(sum(amount_fen), 0) FROM requests WHERE card_number = $1 AND operation = $2"
+            "SELECT coalesce(sum(amount_fen), 0) FROM requests WHERE card_index = $1 AND operation = $2"
             " AND state IN ('approved', 'pending') AND reversed_at IS NULL"
             " AND upstream_connector IS NOT NULL AND created_at >= date_trunc('day', now())",
-            cmd.card_number, cmd.operation.value,
+            ctx["card_index"], cmd.operation.value,
         )
         if today + cmd.amount_fen > rule.daily_limit_fen:
             return await self._decline(con, ctx, cmd, Status.LIMIT_EXCEEDED, ctx["points_balance"])
         points = points_for_cash(cmd.amount_fen, rule.points_per_yuan) + rule.fee_points
-        moved = await self._move_card(con, cmd.card_number, -points)
+        moved = await self._move_card(con, ctx["card_index"], -points)
         if moved is None:
             return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
         outcome = Outcome(Status.PENDING, points_moved=points, points_balance=moved[1],
                           cash_value_fen=cash_value_fen(moved[1], ctx["redeem_value"]), rrn=ctx["rrn"],
                           host_time=_now())
-        request_id = await self._log(con, cmd, outcome)
+        request_id = await self._log(con, ctx, cmd, outcome)
         await con.execute(
             "UPDATE requests SET upstream_connector = $2, upstream_reference = $3, reversal_sealed = $4,"
             " deadline_at = now() + make_interval(secs => $5) WHERE request_id = $1",
@@ -453,8 +461,8 @@ class Ledger:
             if cmd.result == "approved":
                 await self._post(con, row["request_id"], "payout", holds,
                                  await self.operator_account(con, _UPSTREAM_ACCOUNT[op]), points)
-                balance = await con.fetchval("SELECT points_balance FROM cards WHERE card_number = $1",
-                                             row["card_number"])
+                balance = await con.fetchval("SELECT points_balance FROM cards WHERE card_index = $1",
+                                             row["card_index"])
                 outcome = Outcome(Status.APPROVED, points_moved=points, points_balance=balance,
                                   cash_value_fen=cash_value_fen(balance, row["redeem_value"]), rrn=row["rrn"],
                                   auth_code=_auth_code(), host_time=_now(),
@@ -462,7 +470,7 @@ class Ledger:
                 if row["reversal_requested"]:  # the terminal reversed it while it was in flight
                     await self._queue_reversal(con, row, "terminal_reversal", points)
             else:
-                moved = await self._move_card(con, row["card_number"], points)
+                moved = await self._move_card(con, row["card_index"], points)
                 assert moved is not None
                 await self._post(con, row["request_id"], "release", holds, moved[2], points)
                 status = {"declined": Status.UPSTREAM_DECLINED, "unavailable": Status.UPSTREAM_UNAVAILABLE}.get(
@@ -507,7 +515,7 @@ class Ledger:
     # -- reversal ------------------------------------------------------------
     async def _reverse(self, cmd: Reverse) -> Outcome:
         async with self._pool.acquire() as con, con.transaction():
-            ctx = await self._context(con, cmd, cmd.card_number)
+            ctx = await self._context(con, cmd, self._vault.card_index(cmd.card_number))
             if isinstance(ctx, Outcome):
                 return ctx
             balance = ctx["points_balance"]
@@ -520,10 +528,10 @@ class Ledger:
             # so that the late original finds the key taken and is not posted.
             placeholder = await con.fetchval(
                 "INSERT INTO requests (request_key, operation, state, status, terminal_id, merchant_id,"
-                " card_number, amount_fen, batch, trace, rrn, outcome, reversed_at, reversal_outcome)"
+                " card_index, amount_fen, batch, trace, rrn, outcome, reversed_at, reversal_outcome)"
                 " VALUES ($1, $2, 'placeholder', 'approved', $3, $4, $5, $6, $7, $8, $9, $10, now(), $10)"
                 " ON CONFLICT (request_key) DO NOTHING RETURNING request_id",
-                str(cmd.key), cmd.operation.value, cmd.terminal_id, cmd.merchant_id, cmd.card_number,
+                str(cmd.key), cmd.operation.value, cmd.terminal_id, cmd.merchant_id, ctx["card_index"],
                 cmd.amount_fen, cmd.key.batch, cmd.key.trace, ctx["rrn"], outcome.to_json(),
             )
             if placeholder is not None:
@@ -533,7 +541,7 @@ class Ledger:
             assert orig is not None
             if orig["reversed_at"] is not None:
                 return Outcome.from_json(orig["reversal_outcome"])
-            if orig["operation"] != cmd.operation.value or orig["card_number"] != cmd.card_number:
+            if orig["operation"] != cmd.operation.value or orig["card_index"] != ctx["card_index"]:
                 return replace(outcome, status=Status.ORIGINAL_NOT_FOUND)
             if cmd.operation in UPSTREAM_OPERATIONS:
                 return await self._reverse_upstream(con, orig, outcome)
@@ -556,7 +564,7 @@ class Ledger:
         shortfall, new balance). What was already undone by something else (a void,
         a reversal of the transaction a void or refund points at) is not undone twice."""
         op = Operation(orig["operation"])
-        card = orig["card_number"]
+        card = orig["card_index"]
         target = None
         if orig["original_request_id"] is not None:  # voids and refunds point at an original
             target = await con.fetchrow(
@@ -567,7 +575,7 @@ class Ledger:
             or (op in (Operation.ACCRUE, Operation.REDEEM) and orig["voided_by"] is not None)
         )
         if already_undone:
-            balance = await con.fetchval("SELECT points_balance FROM cards WHERE card_number = $1", card)
+            balance = await con.fetchval("SELECT points_balance FROM cards WHERE card_index = $1", card)
             return 0, 0, balance
         # The original's effect on the card balance; the reversal applies its negative.
         effect = {

@@ -2,10 +2,19 @@
 
 The associated data names what a blob is ("tmk:T0000001", "mak:T0000001:7"),
 so a sealed key copied to another row or column does not open.
+
+Below the master key sit the data keys (table ``vault_keys``): random 32-byte
+keys, each sealed under the master key, created on first use and unsealed at
+start-up. ``card_index`` keys the HMAC that turns a card number into the
+database's lookup key, ``fingerprint`` the HMAC of request fingerprints, ``pvk``
+is the PIN verification key. Changing the master key therefore means
+re-sealing these few rows (and the terminals' keys), never re-indexing cards.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -16,9 +25,18 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 _CHECK = b"pointswitch vault check"
 
+# The data keys every database has: HMAC key of the card index, HMAC key of
+# request fingerprints, PIN verification key.
+DATA_KEYS = ("card_index", "fingerprint", "pvk")
+_DATA_KEY_BYTES = 32
+
 
 class VaultError(ValueError):
     """A master key that is missing, malformed or not the database's."""
+
+
+class DataKeysNotLoaded(RuntimeError):
+    """A data key was asked for before :meth:`Vault.load_data_keys` ran: a wiring bug."""
 
 
 class Vault:
@@ -26,6 +44,7 @@ class Vault:
         if len(master_key) not in (16, 32):
             raise VaultError("the master key is 16 or 32 bytes (32 or 64 hex digits)")
         self._aead = AESGCM(master_key)
+        self._data_keys: dict[str, bytes] = {}
 
     def __repr__(self) -> str:  # never show the key
         return "Vault(<sealed>)"
@@ -55,6 +74,48 @@ class Vault:
             ok = False
         if not ok:
             raise VaultError("the master key is not the one this database's keys are sealed under")
+
+    # -- data keys -------------------------------------------------------------
+    async def load_data_keys(self, con: asyncpg.Connection) -> None:
+        """Unseal the database's data keys, creating (and sealing) those it lacks.
+
+        Safe when several processes start at once: the first insert wins and
+        every process reads the winner's key back."""
+        rows = {r["name"]: r["sealed"] for r in await con.fetch("SELECT name, sealed FROM vault_keys")}
+        for name in DATA_KEYS:
+            if name not in rows:
+                await con.execute(
+                    "INSERT INTO vault_keys (name, sealed) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                    name, self.seal(secrets.token_bytes(_DATA_KEY_BYTES), f"data-key:{name}"),
+                )
+                rows[name] = await con.fetchval("SELECT sealed FROM vault_keys WHERE name = $1", name)
+        keys = {name: self.open(rows[name], f"data-key:{name}") for name in DATA_KEYS}
+        if self._data_keys and self._data_keys != keys:
+            # One vault serves one database: card indexes of two databases must not mix.
+            raise VaultError("this vault already holds the data keys of another database")
+        self._data_keys = keys
+
+    def data_key(self, name: str) -> bytes:
+        try:
+            return self._data_keys[name]
+        except KeyError:
+            if name not in DATA_KEYS:
+                raise KeyError(f"no data key {name!r}; the data keys are {', '.join(DATA_KEYS)}") from None
+            raise DataKeysNotLoaded(
+                "the vault's data keys are not loaded: call `await vault.load_data_keys(con)` after"
+                " `vault.check_database(con)` (app.database does both)"
+            ) from None
+
+    def card_index(self, pan: str) -> str:
+        """The card's lookup key in the database: HMAC-SHA256 of the card number, hex.
+
+        Deterministic (so it can be looked up), and without the key not
+        invertible even by trying every card number of a BIN."""
+        return hmac.new(self.data_key("card_index"), pan.encode(), hashlib.sha256).hexdigest()
+
+    def fingerprint(self, data: bytes) -> bytes:
+        """HMAC-SHA256 of ``data`` under the fingerprint key: what the request log stores."""
+        return hmac.new(self.data_key("fingerprint"), data, hashlib.sha256).digest()
 
 
 def parse_master_key(text: str) -> bytes:
