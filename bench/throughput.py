@@ -129,18 +129,22 @@ def stop_process(proc: subprocess.Popen[Any] | None, *, grace_s: float = 5.0) ->
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, timeout: float = 300.0,
-        tick: Callable[[], None] | None = None) -> str:
-    """Run a command to completion, calling ``tick`` every SAMPLE_S meanwhile; its stdout, or BenchError."""
+        tick: Callable[[], None] | None = None, stdin: str | None = None) -> str:
+    """Run a command to completion, calling ``tick`` every SAMPLE_S meanwhile; its stdout, or BenchError.
+    ``stdin`` is written to its standard input (how admin commands take secrets)."""
     what = f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
                             text=True, start_new_session=True)
     deadline = time.monotonic() + timeout
+    pending_input = stdin
     try:
         while True:
             try:
-                out, err = proc.communicate(timeout=SAMPLE_S if tick else timeout)
+                out, err = proc.communicate(pending_input, timeout=SAMPLE_S if tick else timeout)
                 break
             except subprocess.TimeoutExpired:
+                pending_input = None  # written already
                 if time.monotonic() > deadline:
                     raise BenchError(f"{what}: not done within {timeout:.0f} s") from None
                 if tick:
@@ -181,6 +185,7 @@ class Build:
     package_dir: str = ""
     commit: str = ""
     security: bool = False  # sim load and admin seed know --tmk and --pin
+    secrets_on_stdin: bool = False  # admin seed reads --pin - from standard input (and refuses a literal)
 
     @classmethod
     def inspect(cls, executable: Path, env: dict[str, str]) -> Build:
@@ -205,6 +210,7 @@ class Build:
         sim_help = run([str(executable), "sim", "load", "--help"], env=env, timeout=60)
         seed_help = run([str(executable), "admin", "seed", "--help"], env=env, timeout=60)
         build.security = "--tmk" in sim_help and "--pin" in sim_help and "--tmk" in seed_help
+        build.secrets_on_stdin = "standard input" in " ".join(seed_help.split())
         return build
 
 
@@ -612,10 +618,14 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
         seed_cmd = switch.command("admin", "seed", "--json", "--dsn", pg.dsn, "--terminals", str(args.terminals),
                                   "--cards", str(args.cards))
-        if build.security:
+        seed_stdin = None
+        if build.secrets_on_stdin:
+            seed_cmd += ["--pin", "-"]
+            seed_stdin = args.pin + "\n"
+        elif build.security:
             seed_cmd += ["--pin", args.pin]
         say(f"seeding {args.terminals} terminals and {args.cards} cards")
-        seed = json.loads(run(seed_cmd, env=env, timeout=600))
+        seed = json.loads(run(seed_cmd, env=env, timeout=600, stdin=seed_stdin))
         tmk = seed.get("tmk")
         if build.security and not tmk:
             raise BenchError(f"admin seed printed no terminal master key: {seed}")

@@ -10,6 +10,8 @@ from typing import Any
 from . import common
 from .common import EXIT_USAGE
 
+LOAD_PIN = "123456"  # the load cards' PIN unless --pin - gives another
+
 
 def cmd_admin(args: argparse.Namespace) -> int:
     from ..ledger import admin, audit
@@ -57,8 +59,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
                lambda d: "all ledger invariants hold" if d["ok"] else "\n".join(d["problems"]))
         return 0 if not problems else 1
     elif what == "seed":
-        assert pin is not None  # it has a default
-        result = common.with_db(args, lambda c, v: _seed(c, v, args, tmk, pin))
+        result = common.with_db(args, lambda c, v: _seed(c, v, args, tmk, pin or LOAD_PIN))
         if not args.json and (result["terminals_skipped"] or result["cards_skipped"] or not result["merchant_created"]):
             print(f"left as they are: {'the merchant, ' if not result['merchant_created'] else ''}"
                   f"{result['terminals_skipped']} terminals that exist (keys unchanged),"
@@ -206,7 +207,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp.add_argument("--first-card", default="6288990000000000")
     sp.add_argument("--tmk", metavar="-", help="master key of the load terminals created: '-' reads it from"
                     " standard input (default: generated and printed)")
-    sp.add_argument("--pin", metavar="-", default="123456", help="PIN of the load cards created: '-' reads it from"
+    sp.add_argument("--pin", metavar="-", help="PIN of the load cards created: '-' reads it from"
                     " standard input, after --tmk - (default: 123456)")
     sp = admin_cmd(asub, "audit", "the audit trail: who changed what, and who revealed card data")
     sp.set_defaults(action="list")
