@@ -122,6 +122,7 @@ async def test_data_keys_are_sealed_in_the_database_and_load_into_another_vault_
 @dataclass
 class Run:
     clear: set[str]  # card numbers (ours, every card's, the bank card), phones, holder names
+    tmks: set[str]  # the terminals' master keys, hex
     rows: dict[str, str]
     files: dict[str, bytes]
     log_text: str
@@ -161,7 +162,8 @@ async def _realistic_run(sut: SwitchUnderTest) -> Run:
     try:
         clear = await _clear_card_data(con, sut.vault) | {UNKNOWN_CARD, BANK_CARD}
         assert {CARD_A, CARD_B, HOLDERS[CARD_A], PHONES[CARD_B]} <= clear
-        return Run(clear, await _rows_as_text(con), await _table_files(con), "")
+        tmks = {k.hex() for k in net.tmks.values()} | {k.hex().upper() for k in net.tmks.values()}
+        return Run(clear, tmks, await _rows_as_text(con), await _table_files(con), "")
     finally:
         await con.close()
 
@@ -191,6 +193,7 @@ def test_log_lines_carry_no_card_number_phone_or_holder_name(realistic_run):
     assert any(e.get("event") == "wrong PIN" for e in lines)
     assert "628877******3344" in realistic_run.log_text, "the card appears masked"
     assert [v for v in realistic_run.clear if v in realistic_run.log_text] == []
+    assert [k for k in realistic_run.tmks if k in realistic_run.log_text] == [], "nor a terminal master key"
 
 
 # -- a database of the previous version --------------------------------------------------

@@ -92,6 +92,12 @@ def _audit_text(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return int(text)
+
+
 def _since(text: str) -> datetime:
     try:
         at = datetime.fromisoformat(text)
@@ -212,5 +218,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp = admin_cmd(asub, "audit", "the audit trail: who changed what, and who revealed card data")
     sp.set_defaults(action="list")
     sp.add_argument("--since", type=_since, help="entries at or after this ISO 8601 time (local time if no zone)")
-    sp.add_argument("--limit", type=int, default=100, help="the latest N entries (default 100)")
+    sp.add_argument("--limit", type=_positive, default=100, help="the latest N entries (default 100)")
     return asub

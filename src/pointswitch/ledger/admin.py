@@ -108,13 +108,17 @@ async def update_merchant(con: asyncpg.Connection, merchant_id: str, *, name: st
         old = [row[c] for c in _MERCHANT_COLUMNS]
         rate, price, value = _rates(*(old[i] if given[i] is None else given[i] for i in (1, 2, 3)))
         new = [name if name is not None else row["name"], rate, price, value, status or row["status"]]
-        changes = {c: [str(o), str(n)] for c, o, n in zip(_MERCHANT_COLUMNS, old, new, strict=True) if o != n}
+        changes = {c: [_shown(o), _shown(n)] for c, o, n in zip(_MERCHANT_COLUMNS, old, new, strict=True) if o != n}
         if changes:
             await con.execute(
                 "UPDATE merchants SET name = $2, earn_rate_points_per_yuan = $3, issue_price_fen_per_point = $4,"
                 " redeem_value_fen_per_point = $5, status = $6 WHERE merchant_id = $1", merchant_id, *new)
             await audit.record(con, "merchant.update", merchant_id, {"changes": changes})
     return await get_merchant(con, merchant_id)
+
+
+def _shown(value: Any) -> str:
+    return str(value.normalize()) if isinstance(value, Decimal) else str(value)
 
 
 async def get_merchant(con: asyncpg.Connection, merchant_id: str) -> dict[str, Any]:
