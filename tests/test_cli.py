@@ -105,7 +105,8 @@ def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, 
              "--pin", "-", *db, env=key_env, stdin="246810\n")
         sim = ["--port", str(server.cup), "--terminal", "TCLI0001", "--merchant", "MCLI00000000001", "--json"]
         env = {"XDG_STATE_HOME": str(tmp_path / "state"), **key_env}
-        signed = json.loads(_cli("sim", "terminal", "sign-on", *sim, "--tmk", added["tmk"], env=env).stdout)
+        signed = json.loads(_cli("sim", "terminal", "sign-on", *sim, "--tmk", "-", env=env,
+                                 stdin=added["tmk"] + "\n").stdout)
         earned = json.loads(_cli("sim", "terminal", "accrue", *sim, "--card", "6288881111222233334",
                                  "--amount", "12.50", env=env).stdout)
         reversed_ = json.loads(_cli("sim", "terminal", "reverse", *sim, "--trace", earned["trace"], env=env).stdout)
@@ -224,11 +225,16 @@ def test_an_external_database_without_the_master_key_is_refused(switch, tmp_path
     result = subprocess.run([*PS, "serve", "--dsn", switch.dsn], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode != 0
     assert "POINTSWITCH_MASTER_KEY" in result.stderr, result.stderr
+    migrate = subprocess.run([*PS, "migrate", "--dsn", switch.dsn], capture_output=True, text=True, timeout=60,
+                             env=env)
+    assert migrate.returncode != 0 and "POINTSWITCH_MASTER_KEY" in migrate.stderr, "migrating needs the vault"
     wrong = _cli("admin", "terminal", "list", "--dsn", switch.dsn, check=False,
                  env={"POINTSWITCH_MASTER_KEY": "11" * 32})
     assert wrong.returncode != 0
     assert "not the one this database's keys are sealed under" in wrong.stderr, wrong.stderr
     assert "11" * 32 not in wrong.stderr, "the key itself is never printed"
+    assert "migrations up to date" in _cli("migrate", "--dsn", switch.dsn,
+                                           env={"POINTSWITCH_MASTER_KEY": switch.master_key_hex}).stdout
 
 
 def test_terminal_master_key_printed_once_imported_and_rekeyed(switch, tmp_path, key_env):
