@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import asyncpg
 
 from ..codecs import crypto
+from .model import TerminalProfile
 from .pins import hash_pin
 from .vault import Vault
 
@@ -117,19 +119,23 @@ def _with_key(terminal: dict[str, Any], tmk: bytes) -> dict[str, Any]:
 
 
 async def add_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str, merchant_id: str,
-                       status: str = "active", tmk_hex: str | None = None) -> dict[str, Any]:
-    """Register a terminal with a master key (generated, or imported from hex)."""
+                       status: str = "active", tmk_hex: str | None = None,
+                       profile: TerminalProfile | None = None) -> dict[str, Any]:
+    """Register a terminal with a master key (generated, or imported from hex) and the
+    profile that says how it speaks and authenticates (default: cup, ECB MAC)."""
     if not re.fullmatch(r"[\x21-\x7e]{1,8}", terminal_id):
         raise AdminError("a terminal id is 1 to 8 printable characters (field 41)")
     if status not in ("active", "disabled"):
         raise AdminError("terminal status is active or disabled")
+    profile = checked_profile(profile or TerminalProfile())
     tmk = _tmk(tmk_hex)
     try:
         await con.execute(
-            "INSERT INTO terminals (terminal_id, merchant_id, status, tmk_sealed, tmk_kcv)"
-            " VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO terminals (terminal_id, merchant_id, status, tmk_sealed, tmk_kcv, dialect, mac_method,"
+            " double_mak, single_des_allowed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             terminal_id, merchant_id, status, vault.seal(tmk, f"tmk:{terminal_id}"),
-            crypto.check_value(tmk).hex().upper(),
+            crypto.check_value(tmk).hex().upper(), profile.dialect, profile.mac_method, profile.double_mak,
+            profile.single_des_allowed,
         )
     except asyncpg.UniqueViolationError:
         raise AdminError(f"terminal {terminal_id} exists") from None
@@ -143,13 +149,15 @@ async def rekey_terminal(con: asyncpg.Connection, vault: Vault, terminal_id: str
     """Replace a terminal's master key. Its working keys die with the old one: it
     must be loaded with the new key and sign on again."""
     tmk = _tmk(tmk_hex)
-    done = await con.execute(
-        "UPDATE terminals SET tmk_sealed = $2, tmk_kcv = $3, session_state = 'none',"
-        " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
-        terminal_id, vault.seal(tmk, f"tmk:{terminal_id}"), crypto.check_value(tmk).hex().upper(),
-    )
-    if done.endswith(" 0"):
-        raise AdminError(f"no terminal {terminal_id}")
+    async with con.transaction():
+        done = await con.execute(
+            "UPDATE terminals SET tmk_sealed = $2, tmk_kcv = $3, session_state = 'none',"
+            " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",
+            terminal_id, vault.seal(tmk, f"tmk:{terminal_id}"), crypto.check_value(tmk).hex().upper(),
+        )
+        if done.endswith(" 0"):
+            raise AdminError(f"no terminal {terminal_id}")
+        await con.execute("DELETE FROM terminal_pending_keys WHERE terminal_id = $1", terminal_id)
     return _with_key((await list_terminals(con, terminal_id=terminal_id))[0], tmk)
 
 
@@ -166,7 +174,8 @@ async def list_terminals(con: asyncpg.Connection, *, merchant_id: str | None = N
                          terminal_id: str | None = None) -> list[dict[str, Any]]:
     rows = await con.fetch(
         "SELECT terminal_id, merchant_id, status, current_batch, signed_on_at, signed_off_at,"
-        " session_state, key_scheme, tmk_kcv FROM terminals WHERE ($1::text IS NULL OR merchant_id = $1)"
+        " session_state, key_scheme, tmk_kcv, dialect, mac_method, double_mak, single_des_allowed"
+        " FROM terminals WHERE ($1::text IS NULL OR merchant_id = $1)"
         " AND ($2::text IS NULL OR terminal_id = $2) ORDER BY terminal_id",
         merchant_id, terminal_id,
     )
@@ -180,6 +189,10 @@ async def list_terminals(con: asyncpg.Connection, *, merchant_id: str | None = N
             "signed_off_at": r["signed_off_at"].isoformat() if r["signed_off_at"] else None,
             "session": r["session_state"],
             "tmk_check_value": r["tmk_kcv"],
+            "dialect": r["dialect"],
+            "mac": r["mac_method"],
+            "double_mak": r["double_mak"],
+            "single_des_allowed": r["single_des_allowed"],
         }
         for r in rows
     ]
@@ -363,3 +376,39 @@ async def upstream_reversals(con: asyncpg.Connection) -> list[dict[str, Any]]:
     rows = await con.fetch("SELECT reversal_id, connector, reason, state, attempts, created_at, acknowledged_at"
                            " FROM upstream_reversals ORDER BY reversal_id")
     return [dict(r) for r in rows]
+
+
+def checked_profile(profile: TerminalProfile) -> TerminalProfile:
+    """A terminal profile as stored: X9.19 always uses a double-length MAK."""
+    if profile.dialect not in ("cup", "iso87"):
+        raise AdminError("a terminal's dialect is cup or iso87")
+    if profile.mac_method not in ("ecb", "x919", "off"):
+        raise AdminError("a terminal's MAC method is ecb, x919 or off")
+    if profile.mac_method == "x919":
+        profile = replace(profile, double_mak=True)
+    return profile
+
+
+async def set_terminal_profile(con: asyncpg.Connection, terminal_id: str, *, dialect: str | None = None,
+                               mac: str | None = None, double_mak: bool | None = None,
+                               single_des_allowed: bool | None = None) -> dict[str, Any]:
+    """Change how a terminal speaks and authenticates. Its working keys are withdrawn
+    (they were issued for the old profile): it signs on again."""
+    row = await con.fetchrow("SELECT dialect, mac_method, double_mak, single_des_allowed FROM terminals"
+                             " WHERE terminal_id = $1", terminal_id)
+    if row is None:
+        raise AdminError(f"no terminal {terminal_id}")
+    profile = checked_profile(TerminalProfile(
+        dialect or row["dialect"], mac or row["mac_method"],
+        row["double_mak"] if double_mak is None else double_mak,
+        row["single_des_allowed"] if single_des_allowed is None else single_des_allowed,
+    ))
+    async with con.transaction():
+        await con.execute(
+            "UPDATE terminals SET dialect = $2, mac_method = $3, double_mak = $4, single_des_allowed = $5,"
+            " session_state = 'none', pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL"
+            " WHERE terminal_id = $1",
+            terminal_id, profile.dialect, profile.mac_method, profile.double_mak, profile.single_des_allowed,
+        )
+        await con.execute("DELETE FROM terminal_pending_keys WHERE terminal_id = $1", terminal_id)
+    return (await list_terminals(con, terminal_id=terminal_id))[0]
