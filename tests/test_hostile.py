@@ -16,7 +16,6 @@ import itertools
 import socket
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
 from pointswitch.app import Running, running_switch
@@ -329,8 +328,8 @@ async def test_a_peer_that_does_not_read_its_answers_stops_being_read(switch, ne
         async with on(running, network.terminal(0), "cup") as slow:
             slow._reader_task.cancel()  # stops reading its answers
             slow._writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            (conn,) = [c for c in running.switch.connections if c.peer == "127.0.0.1:%d" % slow._writer.get_extra_info(
-                "sockname")[1]]
+            port = slow._writer.get_extra_info("sockname")[1]
+            (conn,) = [c for c in running.switch.connections if c.peer == f"127.0.0.1:{port}"]
             conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             echo = slow.base_fields("0820", "", "00", network_code="301")
             del echo["3"], echo["25"]
@@ -359,10 +358,3 @@ async def test_reversal_of_an_unseen_or_mismatched_original_reveals_no_balance(s
     assert declined.rc == "51" and declined.points_balance is None
     assert earned.points_balance == 50
 
-
-async def _count_rows(dsn: str, sql: str, *args: object) -> int:
-    con = await asyncpg.connect(dsn)
-    try:
-        return int(await con.fetchval(sql, *args))
-    finally:
-        await con.close()
