@@ -17,6 +17,8 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pointswitch.app import Running, running_switch
 from pointswitch.codecs import crypto
@@ -358,3 +360,76 @@ async def test_reversal_of_an_unseen_or_mismatched_original_reveals_no_balance(s
     assert declined.rc == "51" and declined.points_balance is None
     assert earned.points_balance == 50
 
+
+
+# -- interleavings: a real terminal and an attacker ---------------------------------------------
+_example_traces = itertools.count(1)
+
+ACTIONS = st.sampled_from(["real_accrue", "real_accrue", "real_sign_on", "real_sign_off",
+                           "evil_sign_on", "evil_sign_off", "evil_forged", "evil_forged_reversal",
+                           "evil_forged_sign_off"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=st.lists(ACTIONS, min_size=1, max_size=12))
+def test_interleavings_never_post_a_forgery_nor_stop_the_real_terminal_past_one_sign_on(switch, network_sync,
+                                                                                         actions):
+    net: Network = network_sync
+    card = net.cards[2]
+
+    async def run() -> None:
+        start = await net.balance(card)
+        approved = 0
+        forged = 0  # forged financial messages since the terminal's keys were last withdrawn
+        withdrawn = False  # the per-terminal limit withdrew the keys since the real terminal's sign-on
+        async with guarded_switch(switch, max_mac_failures_per_peer=3, max_mac_failures_per_terminal=4,
+                                  sign_ons_per_minute=1000) as running:
+            real = on(running, net.terminal(1, sign_on=False), "cup")
+            real.trace = next(_example_traces) * 40 % 999_000
+            async with real:
+                assert (await real.sign_on()).rc == "00"
+                last_real = None
+                for action in actions:
+                    if action == "real_sign_on":
+                        assert (await real.sign_on()).rc == "00"
+                        withdrawn = False
+                    elif action == "real_sign_off":
+                        assert (await real.sign_off(mac=True)).rc == "00"
+                        real.mak = None  # it knows it signed off: it signs on before its next request
+                    elif action == "real_accrue":
+                        if real.mak is None:
+                            assert (await real.sign_on()).rc == "00"
+                            withdrawn = False
+                        reply = await real.accrue(card, 100)
+                        if reply.rc == "A0":
+                            assert withdrawn, "only a withdrawal by the MAC-failure limit may cost a sign-on"
+                            assert (await real.sign_on()).rc == "00"  # one sign-on restores service
+                            withdrawn = False
+                            reply = await real.accrue(card, 100)
+                        assert reply.rc == "00", reply.rc
+                        approved += 1
+                        last_real = reply
+                    else:
+                        async with attacker(net, running, 1) as evil:
+                            evil.trace = real.trace + 20
+                            try:
+                                if action == "evil_sign_on":
+                                    await evil.sign_on()
+                                elif action == "evil_sign_off":
+                                    await evil.sign_off(mac=False)
+                                elif action == "evil_forged_sign_off":
+                                    evil.mak = crypto.generate_key(8)
+                                    await evil.sign_off(mac=True)
+                                elif action == "evil_forged" or (action == "evil_forged_reversal" and last_real):
+                                    evil.mak = crypto.generate_key(8)
+                                    reply = await (evil.accrue(card, 1_000_000) if action == "evil_forged"
+                                                   else evil.reverse(last_real.request))  # type: ignore[union-attr]
+                                    assert reply.rc == "A0"
+                                    forged += 1
+                                    if forged == 4:
+                                        forged, withdrawn = 0, True
+                            except TerminalError:
+                                pass  # cut off by the switch: what it deserves
+        assert await net.balance(card) == start + approved, "exactly the real terminal's accruals posted"
+
+    asyncio.run(run())
