@@ -23,7 +23,7 @@ import pytest
 from pointswitch import logs
 from pointswitch.app import resolve_vault, running_switch
 from pointswitch.config import Config, Limits, ListenerConfig
-from pointswitch.ledger import admin
+from pointswitch.ledger import TerminalProfile, admin
 from pointswitch.ledger.database import EmbeddedServer
 from pointswitch.ledger.vault import Vault
 from pointswitch.simulators.terminal import TerminalClient
@@ -57,6 +57,14 @@ def _test_config() -> Config:
     cfg.limits = Limits(max_frame_bytes=2048, idle_timeout_s=30, frame_timeout_s=3, request_timeout_s=10,
                         max_in_flight_per_connection=16, max_undecodable_frames=8)
     cfg.database.pool_max_size = 12
+    # Every test shares 127.0.0.1 with every other: per-peer limits that a malformed-input
+    # or attack test would trip are lifted here (tests of those limits run switches of their own).
+    cfg.limits.max_connections_per_peer = 100_000
+    cfg.limits.unauthenticated_idle_timeout_s = 30
+    cfg.security.max_mac_failures_per_peer = 1_000_000
+    cfg.security.max_mac_failures_per_terminal = 1_000_000
+    cfg.security.sign_ons_per_minute = 100_000
+    cfg.security.sign_ons_per_minute_per_peer = 100_000
     return cfg
 
 
@@ -134,20 +142,25 @@ class Network:
     dsn: str
     ports: dict[str, int]
     merchant_id: str
-    terminal_ids: list[str]
+    terminal_ids: list[str]  # cup terminals (profile: cup, ECB MAC)
     cards: list[str]
     other_merchant_id: str
     tmks: dict[str, bytes]
     vault: Vault
+    iso87_terminal_ids: list[str] = field(default_factory=list)  # profile: iso87, X9.19 MAC
+
+    def terminal_id(self, n: int = 0, dialect: str = "cup") -> str:
+        return (self.iso87_terminal_ids if dialect == "iso87" else self.terminal_ids)[n]
 
     def terminal(self, n: int = 0, dialect: str = "cup", merchant_id: str | None = None, *,
-                 sign_on: bool = True) -> TerminalClient:
-        """A terminal loaded with its master key; signs on when it connects unless told not to."""
+                 sign_on: bool = True, local_host: str | None = None) -> TerminalClient:
+        """A terminal loaded with its master key; signs on when it connects unless told not to.
+        ``local_host``: connect from that loopback address (a peer of its own)."""
         d, f = DIALECTS[dialect]
-        tid = self.terminal_ids[n]
+        tid = self.terminal_id(n, dialect)
         return TerminalClient("127.0.0.1", self.ports[dialect], tid, merchant_id or self.merchant_id,
                               dialect_name=d, framing_name=f, timeout_s=15, tmk=self.tmks[tid],
-                              default_pin=TEST_PIN, sign_on_at_connect=sign_on)
+                              default_pin=TEST_PIN, sign_on_at_connect=sign_on, local_host=local_host)
 
     async def db(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.dsn)
@@ -181,12 +194,14 @@ async def make_network(sut: SwitchUnderTest, *, terminals: int = 2, cards: int =
     try:
         await admin.add_merchant(con, merchant, f"Merchant {n}", earn_rate, redeem_value=redeem_value)
         await admin.add_merchant(con, other, f"Other {n}", "1")
-        tids, tmks = [], {}
+        tids, iso_tids, tmks = [], [], {}
         for i in range(terminals):
-            tid = f"T{n:05d}{i:02d}"
-            added = await admin.add_terminal(con, sut.vault, tid, merchant)
-            tmks[tid] = bytes.fromhex(added["tmk"])
-            tids.append(tid)
+            for prefix, profile, ids in (("T", TerminalProfile("cup", "ecb"), tids),
+                                         ("I", TerminalProfile("iso87", "x919", double_mak=True), iso_tids)):
+                tid = f"{prefix}{n:05d}{i:02d}"
+                added = await admin.add_terminal(con, sut.vault, tid, merchant, profile=profile)
+                tmks[tid] = bytes.fromhex(added["tmk"])
+                ids.append(tid)
         card_numbers = []
         for i in range(cards):
             card = f"62888{n:07d}{i:04d}"
@@ -198,7 +213,7 @@ async def make_network(sut: SwitchUnderTest, *, terminals: int = 2, cards: int =
                           [sut.vault.card_index(c) for c in card_numbers], _test_pin_hash())
     finally:
         await con.close()
-    return Network(sut.dsn, sut.ports, merchant, tids, card_numbers, other, tmks, sut.vault)
+    return Network(sut.dsn, sut.ports, merchant, tids, card_numbers, other, tmks, sut.vault, iso_tids)
 
 
 @pytest.fixture

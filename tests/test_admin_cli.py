@@ -59,6 +59,7 @@ def test_each_admin_command_leaves_exactly_its_audit_entry_and_shows_card_data_m
         (["merchant", "update", m, "--status", "active"], None, "merchant.update", m),
         (["terminal", "add", t, "--merchant", m], None, "terminal.add", t),
         (["terminal", "rekey", t], None, "terminal.rekey", t),
+        (["terminal", "profile", t, "--allow-single-des"], None, "terminal.profile", t),
         (["terminal", "disable", t], None, "terminal.disable", t),
         (["terminal", "enable", t], None, "terminal.enable", t),
         (["card", "add", CARD, "--name", HOLDER, "--phone", PHONE, "--pin", "-"], "246810\n", "card.add", MASKED),

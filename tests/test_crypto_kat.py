@@ -422,11 +422,21 @@ def test_decrypt_pin_block_rejects_wrong_length_and_wrong_pan() -> None:
 
 @pytest.mark.parametrize(
     ("pin", "pan"),
-    [("123", PAN), ("1234567890123", PAN), ("12a4", PAN), ("1234", "411111111111"), ("1234", "41111111111x1111")],
+    [("123", PAN), ("1234567890123", PAN), ("12a4", PAN), ("1234", "41111111111"), ("1234", "41111111111x1111"),
+     ("1234", "41111111111111111111")],
 )
 def test_pin_block_clear_rejects_bad_pin_or_pan(pin: str, pan: str) -> None:
     with pytest.raises(crypto.CryptoError):
         crypto.pin_block_clear(pin, pan)
+
+
+def test_a_12_digit_card_number_is_padded_on_the_left_in_the_pan_field() -> None:
+    """ISO 9564-1 format 0: the 12 rightmost digits without the check digit, padded
+    on the left with zeros when there are fewer: "0" + the first 11 digits."""
+    # PIN field 041234FFFFFFFFFF XOR PAN field 0000041234567890 (PAN 412345678901, check digit 1 dropped)
+    assert crypto.pin_block_clear("1234", "412345678901") == H("041230EDCBA9876F")
+    block = crypto.encrypt_pin_block(PIK, "1234", "412345678901")
+    assert crypto.decrypt_pin_block(PIK, block, "412345678901") == "1234"
 
 
 # -- track data under the TDK ----------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import json
 import re
@@ -12,14 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pointswitch import logs
-from pointswitch.app import running_switch
 from pointswitch.codecs import crypto, framing
 from pointswitch.codecs import dialect as get_dialect
 from pointswitch.codecs.subfields import parse_62
-from pointswitch.config import ListenerConfig
 from pointswitch.ledger import admin
 from pointswitch.simulators.scenario import DEMO_CARD, DEMO_MERCHANTS, DEMO_PIN, run_scenario
-from pointswitch.simulators.terminal import TerminalClient
 
 from .conftest import TEST_PIN, answer_or_none
 
@@ -39,6 +35,11 @@ async def _requests(network, card: str) -> int:
 # -- sign-on and key exchange ------------------------------------------------------
 async def test_sign_on_layouts_and_check_values_for_each_key_scheme(network):
     tmk = network.tmks[network.terminal_ids[0]]
+    con = await network.db()
+    try:  # single-length keys (001) only where the terminal's profile allows them
+        await admin.set_terminal_profile(con, network.terminal_ids[0], single_des_allowed=True)
+    finally:
+        await con.close()
     for code, length, tdk in (("001", 24, False), ("003", 40, False), ("004", 60, True)):
         async with network.terminal(0, sign_on=False) as term:
             reply = await term.sign_on(code)
@@ -168,24 +169,15 @@ def test_flipping_any_bit_of_a_maced_request_never_posts(network_sync, data):
     asyncio.run(run())
 
 
-async def test_iso87_listener_with_x919_mac(switch, network, tmp_path):
-    key = crypto.generate_key(16)
-    key_file = tmp_path / "iso87-mac.key"
-    key_file.write_text(key.hex())
-    cfg = dataclasses.replace(switch.config)
-    cfg.listeners = [ListenerConfig("bank", 0, "iso87", "ascii4", host="127.0.0.1", mac="x919",
-                                    mac_key_file=str(key_file))]
-    async with running_switch(cfg, switch.dsn, switch.vault) as running:
-        port = running.switch.bound["bank"][1]
-        tid = network.terminal_ids[0]
-        async with TerminalClient("127.0.0.1", port, tid, network.merchant_id, dialect_name="iso87",
-                                  framing_name="ascii4", tmk=network.tmks[tid], sign_on_at_connect=True,
-                                  x919_key=key) as term:
-            good = await term.accrue(network.cards[0], 2000)
-            term.x919_key = crypto.generate_key(16)
-            bad = await term.accrue(network.cards[0], 2000)
+async def test_iso87_terminals_mac_with_x919_under_the_double_length_mak_of_their_sign_on(network):
+    """iso87 authenticates by default: X9.19 under a 16-byte MAK issued by the key exchange."""
+    async with network.terminal(0, "iso87") as term:
+        assert term.mak is not None and len(term.mak) == 16
+        good = await term.accrue(network.cards[0], 2000)
+        term.mak = crypto.generate_key(16)
+        bad = await term.accrue(network.cards[0], 2000)
     assert good.rc == "00" and good.mac_ok is True
-    assert bad.rc == "A0"
+    assert bad.rc == "A0" and "64" not in bad.fields
     assert await network.balance(network.cards[0]) == 20
 
 

@@ -15,15 +15,16 @@ import asyncpg
 import structlog
 
 from .codecs import dialect, framing
-from .config import Config, ConfigError, ListenerConfig
+from .config import Config, ListenerConfig
 from .ledger import Ledger, Operation, UsageRule
 from .ledger.database import EmbeddedServer, create_pool, migrate
 from .ledger.saf import ReversalQueue
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
-from .routing import Router, Security
+from .routing import ListenerPolicy, Router
 from .routing.table import Op
 from .switch import FrameHandler, Listener, Switch
 from .switch.forwarder import ReversalForwarder
+from .switch.guard import PeerGuard
 from .switch.upstream import Connector
 
 log = structlog.get_logger("pointswitch")
@@ -70,16 +71,11 @@ def resolve_vault(config: Config, *, embedded: bool, env: dict[str, str] | None 
     return Vault(key)
 
 
-def listener_security(lc: ListenerConfig) -> Security:
-    mac_key = None
-    if lc.mac_method == "x919":
-        try:
-            mac_key = bytes.fromhex(Path(lc.mac_key_file).expanduser().read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"listener {lc.name}: mac_key_file: {exc}") from None
-        if len(mac_key) != 16:
-            raise ConfigError(f"listener {lc.name}: an X9.19 MAC key is 16 bytes (32 hex digits)")
-    return Security(mac=lc.mac_method, mac_key=mac_key, require_sign_on=lc.require_sign_on)
+def listener_policy(lc: ListenerConfig) -> ListenerPolicy:
+    if lc.mac_method == "off":
+        log.warning("UNAUTHENTICATED LISTENER: anyone who reaches it can act as any terminal whose profile"
+                    " has mac = off; for test rigs on loopback only", listener=lc.name, host=lc.host, port=lc.port)
+    return ListenerPolicy(lc.name, lc.dialect, lc.mac_method)
 
 
 @contextlib.asynccontextmanager
@@ -119,33 +115,39 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterator[Running]:
-    securities = {lc.name: listener_security(lc) for lc in config.listeners}
+    policies = {lc.name: listener_policy(lc) for lc in config.listeners}
+    sec = config.security
     async with database(config, dsn, vault) as pool:
         usage = {
             Operation.CASH_OUT: config.cash_out, Operation.INSURANCE: config.insurance,
         }
         rules = {op: UsageRule(Decimal(u.points_per_yuan), u.fee_points, u.min_amount_fen, u.daily_limit_fen)
                  for op, u in usage.items()}
-        ledger = Ledger(pool, vault, max_pin_tries=config.security.max_pin_tries, usage=rules,
-                        pin_workers=config.security.pin_workers or os.cpu_count() or 1)
+        ledger = Ledger(pool, vault, max_pin_tries=sec.max_pin_tries, usage=rules,
+                        pin_workers=sec.pin_workers or os.cpu_count() or 1,
+                        max_pending_sign_ons=sec.max_pending_sign_ons, pending_keys_ttl_s=sec.pending_keys_ttl_s,
+                        session_cache_size=sec.session_cache_size)
+        await ledger.start(lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
+        guard = PeerGuard(sec, config.limits)
         queue = ReversalQueue(ledger)
         forwarder = ReversalForwarder(queue, {})
         connectors = {c.name: Connector(c, on_late=forwarder.on_late) for c in config.connectors}
         forwarder.connectors = dict(connectors)
         carried = {Op.POINTS_TO_CARD: config.cash_out.connector, Op.INSURANCE: config.insurance.connector}
-        router = Router(ledger, {op: connectors[name] for op, name in carried.items() if name in connectors})
+        router = Router(ledger, {op: connectors[name] for op, name in carried.items() if name in connectors},
+                        guard)
         for connector in connectors.values():
             connector.start()
         forwarder.start()
         listeners = [
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
-                handler=FrameHandler(lc.name, dialect(lc.dialect), router, config.limits.request_timeout_s,
-                                     securities[lc.name]),
+                handler=FrameHandler(policies[lc.name], dialect(lc.dialect), router,
+                                     config.limits.request_timeout_s),
             )
             for lc in config.listeners
         ]
-        switch = Switch(listeners, config.limits)
+        switch = Switch(listeners, config.limits, guard)
         try:
             await switch.start()
             try:
@@ -156,7 +158,7 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             await forwarder.stop()
             for connector in connectors.values():
                 await connector.stop()
-            ledger.close()
+            await ledger.stop()
 
 
 async def serve(config: Config, dsn: str, vault: Vault) -> None:
@@ -165,6 +167,11 @@ async def serve(config: Config, dsn: str, vault: Vault) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.metrics.port:
+        import prometheus_client
+
+        prometheus_client.start_http_server(config.metrics.port, addr=config.metrics.host)
+        log.info("metrics served", host=config.metrics.host, port=config.metrics.port, path="/metrics")
     async with running_switch(config, dsn, vault):
         log.info("switch running", listeners=len(config.listeners))
         await stop.wait()

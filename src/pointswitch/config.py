@@ -47,6 +47,9 @@ class ConfigError(ValueError):
     pass
 
 
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
 @dataclass
 class ListenerConfig:
     name: str
@@ -54,15 +57,16 @@ class ListenerConfig:
     dialect: str = "cup"
     framing: str = "binary2"
     host: str = "0.0.0.0"
-    # MAC on financial messages: "ecb" (terminal MAK; the cup default), "x919" (with
-    # mac_key_file, agreed at configuration time) or "off" (the iso87 default).
+    # How financial messages are authenticated (field 64), always with the working
+    # MAK the terminal got at sign-on: "ecb" (UnionPay POS method; the cup default),
+    # "x919" (ANSI X9.19; the iso87 default), or "off" (nothing authenticated: only
+    # on a loopback address with allow_unauthenticated = true, for test rigs).
     mac: str = ""
-    mac_key_file: str = ""
-    require_sign_on: bool = True
+    allow_unauthenticated: bool = False
 
     @property
     def mac_method(self) -> str:
-        return self.mac or ("ecb" if self.dialect == "cup" else "off")
+        return self.mac or ("ecb" if self.dialect == "cup" else "x919")
 
     def validate(self) -> None:
         if self.dialect not in DIALECTS:
@@ -73,18 +77,26 @@ class ListenerConfig:
             raise ConfigError(f"listener {self.name}: port {self.port} out of range")
         if self.mac_method not in ("ecb", "x919", "off"):
             raise ConfigError(f"listener {self.name}: mac is ecb, x919 or off")
-        if self.mac_method == "x919" and not self.mac_key_file:
-            raise ConfigError(f"listener {self.name}: mac = x919 needs mac_key_file")
-        if self.mac_method == "ecb" and not self.require_sign_on:
-            raise ConfigError(f"listener {self.name}: mac = ecb uses the terminal's MAK and needs sign-on")
+        if self.mac_method == "off":
+            if not self.allow_unauthenticated:
+                raise ConfigError(f"listener {self.name}: mac = \"off\" accepts messages nobody authenticates;"
+                                  " it needs allow_unauthenticated = true (and a loopback host)")
+            if not self.host.startswith(_LOOPBACK):
+                raise ConfigError(f"listener {self.name}: mac = \"off\" is allowed only on a loopback address"
+                                  f" (127.0.0.1, ::1), not {self.host}")
 
 
 @dataclass
 class Limits:
     max_frame_bytes: int = 4096  # a frame's length header above this closes the connection
     max_connections: int = 1024  # across all listeners; more are accepted and closed at once
+    max_connections_per_peer: int = 64  # from one address; more are accepted and closed at once
     max_in_flight_per_connection: int = 32  # reading pauses while this many are in progress
+    max_requests_in_flight: int = 256  # across all connections; past it a request is answered 96 at once
+    max_write_buffer_bytes: int = 262_144  # answers a peer has not read; past it, its reading pauses
     idle_timeout_s: float = 300.0  # a connection silent this long is closed
+    # ... and this long while it has not yet sent a message whose MAC verified
+    unauthenticated_idle_timeout_s: float = 15.0
     frame_timeout_s: float = 30.0  # a started frame must complete within this
     request_timeout_s: float = 10.0  # processing one request; past it the answer is 96
     shutdown_grace_s: float = 15.0  # on SIGTERM, time allowed for requests in flight
@@ -107,6 +119,27 @@ class SecurityConfig:
     # PIN checks (scrypt: ~24 ms of CPU and 16 MiB each) running at once; 0 = one per CPU core.
     # More than the cores only adds memory and tail latency.
     pin_workers: int = 0
+    # MAC failures within mac_failure_window_s: past the per-peer limit the peer's
+    # connections are closed and it is refused for peer_ban_s; past the per-terminal
+    # limit (from any peers) the terminal's working keys are withdrawn (it signs on again).
+    max_mac_failures_per_peer: int = 5
+    max_mac_failures_per_terminal: int = 20
+    mac_failure_window_s: float = 60.0
+    peer_ban_s: float = 300.0
+    # Sign-ons per minute for one terminal from one peer, and from one peer in all.
+    sign_ons_per_minute: int = 6
+    sign_ons_per_minute_per_peer: int = 60
+    max_pending_sign_ons: int = 4  # key sets issued and not yet used, per terminal (newest kept)
+    pending_keys_ttl_s: float = 300.0  # a key set not used by then is forgotten
+    session_cache_size: int = 10_000  # terminals whose sessions each process keeps in memory
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus metrics over HTTP (``/metrics``); port 0 = not served."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
 
 
 @dataclass
@@ -171,6 +204,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
@@ -222,7 +256,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "log_level"}
+                          "metrics", "log_level"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -231,6 +265,10 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             if "name" not in item or "port" not in item:
                 raise ConfigError("[[listener]]: every listener has a name and a port")
             listener = ListenerConfig(name=str(item["name"]), port=0)
+            for gone in ("mac_key_file", "require_sign_on"):
+                if gone in item:
+                    raise ConfigError(f"listener {item['name']}: {gone} is no longer a setting: every terminal"
+                                      " authenticates with the MAK of its own sign-on (see docs/security.md)")
             _apply(listener, {k: v for k, v in item.items() if k != "name"}, f"listener {item['name']}")
             config.listeners.append(listener)
     for item in raw.get("connector", []):
@@ -244,6 +282,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.insurance, raw.get("insurance", {}), "insurance")
     _apply(config.database, raw.get("database", {}), "database")
     _apply(config.security, raw.get("security", {}), "security")
+    _apply(config.metrics, raw.get("metrics", {}), "metrics")
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
     # Environment overrides the file.

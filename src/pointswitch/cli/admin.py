@@ -7,6 +7,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+from ..ledger.model import TerminalProfile
 from . import common
 from .common import EXIT_USAGE
 
@@ -30,8 +31,14 @@ def cmd_admin(args: argparse.Namespace) -> int:
     elif what == "merchant" and action == "list":
         result = common.with_db(args, lambda c, v: admin.list_merchants(c))
     elif what == "terminal" and action == "add":
+        profile = TerminalProfile(args.dialect, args.mac or ("ecb" if args.dialect == "cup" else "x919"),
+                                  bool(args.double_mak), bool(args.allow_single_des))
         result = common.with_db(args, lambda c, v: admin.add_terminal(
-            c, v, args.terminal_id, args.merchant, args.status, tmk))
+            c, v, args.terminal_id, args.merchant, args.status, tmk, profile))
+    elif what == "terminal" and action == "profile":
+        result = common.with_db(args, lambda c, v: admin.set_terminal_profile(
+            c, args.terminal_id, dialect=args.dialect, mac=args.mac, double_mak=args.double_mak,
+            single_des_allowed=args.allow_single_des))
     elif what == "terminal" and action == "rekey":
         result = common.with_db(args, lambda c, v: admin.rekey_terminal(c, v, args.terminal_id, tmk))
     elif what == "terminal" and action == "list":
@@ -133,6 +140,18 @@ async def _seed(con: Any, vault: Any, args: argparse.Namespace, tmk: str | None,
         first_card=int(args.first_card), cards=args.cards, pin=pin, tmk_hex=tmk)
 
 
+def _profile_options(sp: argparse.ArgumentParser, dialect_default: str | None) -> None:
+    """The terminal profile: the listeners it may use are those with its dialect and MAC method."""
+    sp.add_argument("--dialect", choices=["cup", "iso87"], default=dialect_default)
+    sp.add_argument("--mac", choices=["ecb", "x919", "off"],
+                    help="how its messages are authenticated (default: ecb for cup, x919 for iso87; off only"
+                         " on an unauthenticated loopback listener)")
+    sp.add_argument("--double-mak", action=argparse.BooleanOptionalAction, default=None,
+                    help="a double-length MAK (3DES MAC) in the sign-on; always with x919")
+    sp.add_argument("--allow-single-des", action=argparse.BooleanOptionalAction, default=None,
+                    help="allow sign-on with single-length keys (60.3 = 001)")
+
+
 def admin_cmd(parent: Any, name: str, help_text: str, func: Any = None) -> argparse.ArgumentParser:
     """One ``admin`` command: database options, ``--json``, and the function that runs it."""
     sp = parent.add_parser(name, help=help_text)
@@ -171,6 +190,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp.add_argument("--status", default="active", choices=["active", "disabled"])
     sp.add_argument("--tmk", metavar="-", help="import a terminal master key (32 hex digits) instead of generating"
                     " one: '-' reads it from standard input")
+    _profile_options(sp, dialect_default="cup")
+    sp = admin_cmd(t, "profile", "change how a terminal speaks and authenticates (it must sign on again)")
+    sp.add_argument("terminal_id")
+    _profile_options(sp, dialect_default=None)
     sp = admin_cmd(t, "rekey", "replace a terminal's master key (it must sign on again)")
     sp.add_argument("terminal_id")
     sp.add_argument("--tmk", metavar="-", help="import the new master key (32 hex digits): '-' reads it from"

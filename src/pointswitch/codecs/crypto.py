@@ -103,9 +103,12 @@ def mac_x919(key: bytes, data: bytes) -> bytes:
 
 
 def _pan_block(pan: str) -> bytes:
-    if not pan.isdigit() or len(pan) < 13:
-        raise CryptoError("a PIN block needs the card number (13 digits or more)")
-    return bytes.fromhex("0000" + pan[-13:-1])
+    """"0000" + the 12 rightmost digits of the card number without its check digit;
+    a shorter number is padded on the left with zeros (ISO 9564-1), so a 12-digit
+    card number gives "0" + its first 11 digits."""
+    if not pan.isdigit() or not 12 <= len(pan) <= 19:
+        raise CryptoError("a PIN block needs the card number (12 to 19 digits)")
+    return bytes.fromhex("0000" + pan[:-1][-12:].rjust(12, "0"))
 
 
 def pin_block_clear(pin: str, pan: str) -> bytes:

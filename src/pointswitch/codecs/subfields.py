@@ -146,10 +146,14 @@ class KeyBlock:
 
 
 def render_62(network_code: str, pik: KeyBlock, mak: KeyBlock, tdk: KeyBlock | None = None) -> bytes:
+    """Field 62 of a sign-on response. For 003/004 the MAK slot is 16 bytes: a
+    single-length MAK is followed by eight zero bytes, a double-length one fills it."""
     _pik_len, mak_len, tdk_len = KEY_LAYOUTS[network_code]
     out = pik.under_tmk + pik.check_value + mak.under_tmk
     if network_code != "001":
-        out += bytes(8)  # MAK is single-length; the slot is double-length
+        if len(mak.under_tmk) not in (8, 16):
+            raise ValueError("a MAK is 8 or 16 bytes")
+        out += bytes(16 - len(mak.under_tmk))
     out += mak.check_value
     if tdk_len:
         if tdk is None:
@@ -158,7 +162,10 @@ def render_62(network_code: str, pik: KeyBlock, mak: KeyBlock, tdk: KeyBlock | N
     return out
 
 
-def parse_62(network_code: str, data: bytes) -> tuple[KeyBlock, KeyBlock, KeyBlock | None]:
+def parse_62(network_code: str, data: bytes, *, double_mak: bool = False
+             ) -> tuple[KeyBlock, KeyBlock, KeyBlock | None]:
+    """The key blocks of field 62; ``double_mak``: the terminal's MAK is double-length
+    (its profile says so), filling the 16-byte MAK slot of 003/004."""
     pik_len, mak_len, tdk_len = KEY_LAYOUTS[network_code]
     expected = pik_len + 4 + mak_len + (0 if network_code == "001" else 8) + 4 + (tdk_len + 4 if tdk_len else 0)
     if len(data) != expected:
@@ -174,7 +181,9 @@ def parse_62(network_code: str, data: bytes) -> tuple[KeyBlock, KeyBlock, KeyBlo
     pik = KeyBlock(take(pik_len), take(4))
     mak_key = take(mak_len)
     if network_code != "001":
-        take(8)
+        rest = take(8)
+        if double_mak:
+            mak_key += rest
     mak = KeyBlock(mak_key, take(4))
     tdk = KeyBlock(take(tdk_len), take(4)) if tdk_len else None
     return pik, mak, tdk

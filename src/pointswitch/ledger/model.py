@@ -33,6 +33,8 @@ class Status(StrEnum):
     WRONG_PIN = "wrong_pin"
     PIN_LOCKED = "pin_locked"
     LIMIT_EXCEEDED = "limit_exceeded"
+    WRONG_LISTENER = "wrong_listener"  # the terminal's profile names another dialect or MAC method
+    TOO_FREQUENT = "too_frequent"  # e.g. sign-ons past their rate limit
     # Points leaving through an upstream host.
     PENDING = "pending"  # held, the upstream leg is under way
     UPSTREAM_DECLINED = "upstream_declined"
@@ -115,7 +117,28 @@ class Command:
 
 @dataclass(frozen=True)
 class SignOn(Command):
+    """Issue fresh working keys. They are pending (the keys in use stay valid) until
+    the terminal's first message that verifies under them, unless ``activate``
+    (terminals whose profile has no MAC: nothing could ever verify them)."""
+
     scheme: KeyScheme = KeyScheme.DOUBLE
+    peer: str = ""  # the address the sign-on came from: pending keys are kept per peer
+    activate: bool = False
+
+
+@dataclass(frozen=True)
+class PromoteKeys(Command):
+    """A message verified under pending keys: they become the keys in use."""
+
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class DropSession(Command):
+    """Withdraw the terminal's working keys, in use and pending (authenticated
+    sign-off, or too many MAC failures): it must sign on again."""
+
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,11 +171,36 @@ class Session:
     pik: bytes = field(repr=False)
     mak: bytes = field(repr=False)
     tdk: bytes | None = field(default=None, repr=False)
+    pending: bool = False  # issued by a sign-on, not yet used by the terminal
 
 
 @dataclass(frozen=True)
-class SignOff(Command):
-    pass
+class TerminalProfile:
+    """How a terminal speaks and authenticates: it transacts only on a listener
+    with the same dialect and MAC method."""
+
+    dialect: str = "cup"  # cup | iso87
+    mac_method: str = "ecb"  # ecb | x919 | off
+    double_mak: bool = False
+    single_des_allowed: bool = False
+
+
+@dataclass(frozen=True)
+class TerminalAuth:
+    """What the switch needs to authenticate a terminal's message, kept in memory:
+    status, profile, the keys in use and the pending ones (newest first)."""
+
+    terminal_id: str
+    merchant_id: str
+    terminal_active: bool
+    merchant_active: bool
+    profile: TerminalProfile
+    current: Session | None = None
+    pending: tuple[Session, ...] = ()
+
+    def sessions(self) -> tuple[Session, ...]:
+        """Every key set a message may verify under: the one in use first."""
+        return ((self.current,) if self.current else ()) + self.pending
 
 
 @dataclass(frozen=True)

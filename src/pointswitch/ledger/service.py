@@ -35,20 +35,22 @@ from .model import (
     UPSTREAM_OPERATIONS,
     Command,
     CompleteUpstream,
-    GetSession,
+    DropSession,
     Inquire,
     Operation,
     OriginalRef,
     Outcome,
     Posting,
+    PromoteKeys,
     RequestKey,
     Reverse,
-    SignOff,
     SignOn,
     Status,
+    TerminalAuth,
     UsageRule,
 )
 from .pins import PinCheck
+from .sessions import Connect, SessionCache
 from .terminals import TerminalKeys
 from .vault import Vault
 
@@ -145,26 +147,62 @@ def _auth_code() -> str:
 
 class Ledger:
     def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pin_tries: int = 3,
-                 usage: dict[Operation, UsageRule] | None = None, pin_workers: int = 2):
+                 usage: dict[Operation, UsageRule] | None = None, pin_workers: int = 2,
+                 max_pending_sign_ons: int = 4, pending_keys_ttl_s: float = 300.0, session_cache_size: int = 10_000):
         self._pool = pool
         self._vault = vault
         self.max_pin_tries = max_pin_tries
         self.usage = usage or {}
         self._pins = PinCheck(max_pin_tries, pin_workers)
-        self._terminals = TerminalKeys(pool, vault, self._context)
+        self._terminals = TerminalKeys(pool, vault, max_pending=max_pending_sign_ons,
+                                       pending_ttl_s=pending_keys_ttl_s)
+        self.sessions = SessionCache(self._terminals.load, max_entries=session_cache_size)
         self._operator_ids: dict[str, int] = {}
         self._handlers: dict[type, Callable[[Any], Awaitable[Outcome]]] = {
-            SignOn: self._terminals.sign_on,
-            SignOff: self._terminals.sign_off,
-            GetSession: self._terminals.session,
+            SignOn: self._sign_on,
+            PromoteKeys: self._promote,
+            DropSession: self._drop_session,
             Inquire: self._inquire,
             Posting: self._posting,
             Reverse: self._reverse,
             CompleteUpstream: self._complete_upstream,
         }
 
+    async def start(self, connect: Connect) -> None:
+        """Start listening for terminal changes (``connect`` opens a connection of its own)."""
+        await self.sessions.start(connect)
+
+    async def stop(self) -> None:
+        await self.sessions.stop()
+        self._pins.close()
+
     def close(self) -> None:
         self._pins.close()
+
+    async def terminal_auth(self, terminal_id: str, *, refresh: bool = False) -> TerminalAuth | None:
+        """A terminal's status, profile and working keys, from memory when it can. With
+        ``refresh``: read again unless read within the last second (None then)."""
+        if refresh:
+            return await self.sessions.refresh(terminal_id)
+        return await self.sessions.get(terminal_id)
+
+    async def _sign_on(self, cmd: SignOn) -> Outcome:
+        try:
+            return await self._terminals.sign_on(cmd)
+        finally:
+            self.sessions.forget(cmd.terminal_id)
+
+    async def _promote(self, cmd: PromoteKeys) -> Outcome:
+        try:
+            return await self._terminals.promote(cmd)
+        finally:
+            self.sessions.forget(cmd.terminal_id)
+
+    async def _drop_session(self, cmd: DropSession) -> Outcome:
+        try:
+            return await self._terminals.drop(cmd)
+        finally:
+            self.sessions.forget(cmd.terminal_id)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -525,18 +563,20 @@ class Ledger:
                 rrn=ctx["rrn"], host_time=_now(),
             )
             # A reversal for a key never seen: acknowledge it and remember it,
-            # so that the late original finds the key taken and is not posted.
+            # so that the late original finds the key taken and is not posted. No
+            # balance: nothing ties this card to the terminal (it may not even exist).
+            remembered = replace(outcome, points_balance=None, cash_value_fen=None)
             placeholder = await con.fetchval(
                 "INSERT INTO requests (request_key, operation, state, status, terminal_id, merchant_id,"
                 " card_index, amount_fen, batch, trace, rrn, outcome, reversed_at, reversal_outcome)"
                 " VALUES ($1, $2, 'placeholder', 'approved', $3, $4, $5, $6, $7, $8, $9, $10, now(), $10)"
                 " ON CONFLICT (request_key) DO NOTHING RETURNING request_id",
                 str(cmd.key), cmd.operation.value, cmd.terminal_id, cmd.merchant_id, ctx["card_index"],
-                cmd.amount_fen, cmd.key.batch, cmd.key.trace, ctx["rrn"], outcome.to_json(),
+                cmd.amount_fen, cmd.key.batch, cmd.key.trace, ctx["rrn"], remembered.to_json(),
             )
             if placeholder is not None:
                 log.info("reversal before original remembered", terminal=cmd.terminal_id, trace=cmd.key.trace)
-                return outcome
+                return remembered
             orig = await con.fetchrow(_ORIGINAL, str(cmd.key))
             assert orig is not None
             if orig["reversed_at"] is not None:

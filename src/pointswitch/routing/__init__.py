@@ -1,5 +1,6 @@
 """From ISO 8583 fields to ledger commands and back; response codes. No SQL, no sockets."""
 
-from .router import Response, Router, Security, error_response
+from .auth import Guard, ListenerPolicy, Origin
+from .router import Response, Router, error_response
 
-__all__ = ["Response", "Router", "Security", "error_response"]
+__all__ = ["Guard", "ListenerPolicy", "Origin", "Response", "Router", "error_response"]

@@ -9,8 +9,6 @@ PIN) slot in between "check" and "execute".
 from __future__ import annotations
 
 import asyncio
-import functools
-import hmac
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -19,7 +17,7 @@ from datetime import datetime
 
 import structlog
 
-from ..codecs import Fields, Message, crypto
+from ..codecs import Fields, Message
 from ..codecs.subfields import (
     CURRENCY_CNY,
     CURRENCY_POINTS,
@@ -34,7 +32,7 @@ from ..codecs.subfields import (
 from ..ledger import (
     Command,
     CompleteUpstream,
-    GetSession,
+    DropSession,
     Inquire,
     KeyScheme,
     Ledger,
@@ -42,15 +40,18 @@ from ..ledger import (
     OriginalRef,
     Outcome,
     Posting,
+    PromoteKeys,
     RequestKey,
     Reverse,
     Session,
-    SignOff,
     SignOn,
     Status,
+    TerminalAuth,
     UpstreamLeg,
 )
+from . import auth as auth_steps
 from . import codes, legs, table
+from .auth import Guard, OpenGuard, Origin
 from .legs import UpstreamLost, UpstreamPort, UpstreamTimeout, UpstreamUnavailable
 from .table import Op, Route
 
@@ -82,24 +83,12 @@ class FormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class Security:
-    """A listener's security policy.
-
-    mac: "ecb" (UnionPay POS method, the terminal's MAK from sign-on), "x919"
-    (ANSI X9.19 with ``mac_key``, agreed when the listener was configured) or "off".
-    require_sign_on: financial requests need a signed-on terminal (working keys)."""
-
-    mac: str = "ecb"
-    mac_key: bytes | None = field(default=None, repr=False)
-    require_sign_on: bool = True
-
-
-@dataclass(frozen=True)
 class Response:
     fields: Fields
     processing_requirement: int = 0  # cup header: 3 = sign on again, ...
     op: str = ""
     sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)  # computes field 64
+    authenticated: bool = False  # the request carried a MAC that verified
 
 
 def error_response(request: Fields, code: str) -> Response | None:
@@ -114,15 +103,17 @@ def error_response(request: Fields, code: str) -> Response | None:
 
 
 class Router:
-    def __init__(self, ledger: Ledger, connectors: Mapping[Op, UpstreamPort] | None = None):
+    def __init__(self, ledger: Ledger, connectors: Mapping[Op, UpstreamPort] | None = None,
+                 guard: Guard | None = None):
         """``connectors``: the upstream host that carries each two-phase operation;
-        an operation with none is answered 40."""
+        an operation with none is answered 40. ``guard``: the switch's per-peer
+        accounting of sign-ons and MAC failures."""
         self._ledger = ledger
         self._connectors = dict(connectors or {})
+        self._guard = guard or OpenGuard()
 
-    async def handle(self, message: Message, security: Security | None = None) -> Response | None:
+    async def handle(self, message: Message, origin: Origin) -> Response | None:
         """Answer one decoded request; None when it cannot be answered at all."""
-        security = security or Security()
         request = message.fields
         if table.response_mti(request["t"]) is None:
             return None
@@ -144,39 +135,93 @@ class Router:
             command = self._command(request, route, f60)
         except (FormatError, ValueError):
             return self._with_op(error_response(request, codes.FORMAT_ERROR), route)
-        if route.op in table.NETWORK_OPS:
-            return self._respond(request, await self._ledger.execute(command), route, f60)
-        return await self._financial(message, route, f60, command, security)
+        auth = await self._ledger.terminal_auth(command.terminal_id)
+        refusal = auth_steps.admit(auth, command.merchant_id, origin.listener)
+        if refusal is not None:
+            return self._decline(request, route, refusal)
+        assert auth is not None
+        if isinstance(command, SignOn):
+            return await self._sign_on(request, route, f60, command, auth, origin)
+        if route.op is Op.SIGN_OFF:
+            return await self._sign_off(message, route, f60, auth, origin)
+        return await self._financial(message, route, f60, command, auth, origin)
+
+    async def _sign_on(self, request: Fields, route: Route, f60: Field60, command: SignOn, auth: TerminalAuth,
+                       origin: Origin) -> Response | None:
+        """Issue pending working keys: the keys in use stay valid until the terminal
+        uses the new ones, so a sign-on by anyone else changes nothing for it."""
+        if command.scheme is KeyScheme.SINGLE and not auth.profile.single_des_allowed:
+            log.warning("sign-on refused: single-length keys not allowed for this terminal",
+                        terminal=command.terminal_id, peer=origin.peer)
+            return self._decline(request, route, Status.WRONG_LISTENER)
+        if not self._guard.sign_on_allowed(command.terminal_id, origin.peer):
+            log.warning("sign-on refused: too frequent", terminal=command.terminal_id, peer=origin.peer)
+            return self._decline(request, route, Status.TOO_FREQUENT)
+        command = replace(command, peer=origin.peer, activate=origin.listener.mac == "off")
+        return self._respond(request, await self._ledger.execute(command), route, f60)
+
+    async def _sign_off(self, message: Message, route: Route, f60: Field60, auth: TerminalAuth,
+                        origin: Origin) -> Response | None:
+        """Acknowledged always; the keys are withdrawn only when the 0820 carries a MAC
+        that verifies (UnionPay terminals send none: their keys then simply stay)."""
+        request = message.fields
+        session = None
+        if origin.listener.mac != "off" and "64" in request:
+            session = auth_steps.verified_session(message, auth, origin.listener.mac)
+        if session is not None:
+            await self._ledger.execute(DropSession(auth.terminal_id, auth.merchant_id, "sign_off"))
+        else:
+            log.info("sign-off without a valid MAC: acknowledged, keys kept", terminal=auth.terminal_id,
+                     peer=origin.peer)
+        response = self._respond(request, Outcome(Status.APPROVED, host_time=_now()), route, f60)
+        return replace(response, authenticated=session is not None)
 
     async def _financial(self, message: Message, route: Route, f60: Field60, command: Command,
-                         security: Security) -> Response | None:
-        """Authenticate the terminal, verify the MAC, check track and PIN, then post."""
+                         auth: TerminalAuth, origin: Origin) -> Response | None:
+        """Verify the MAC (from memory), check track and PIN, then post."""
         request = message.fields
-        session: Session | None = None
-        if security.require_sign_on:
-            found = await self._ledger.execute(GetSession(command.terminal_id, command.merchant_id))
-            if not found.approved:
-                return self._decline(request, route, found.status)
-            session = found.session
-        mac_key = session.mak if security.mac == "ecb" and session else None
-        if security.mac == "x919":
-            mac_key = security.mac_key
+        session = auth.current
         mac_fn = None
-        if security.mac != "off":
-            mac_fn = _mac_function(security.mac, mac_key)
-            if mac_fn is None or not _mac_matches(message, mac_fn):
-                log.warning("MAC missing or wrong", terminal=command.terminal_id, trace=request.get("11"),
-                            mti=request["t"], mac_present="64" in request)
+        if origin.listener.mac != "off":
+            session = await self._authenticate(message, auth, origin)
+            if session is None:
                 return self._decline(request, route, Status.NOT_SIGNED_ON)
-        if "35" in request and not _track_matches(request, session):
-            return self._with_sign(self._decline(request, route, Status.UNKNOWN_CARD), mac_fn)
+            mac_fn = auth_steps.mac_function(origin.listener.mac, session.mak)
+        authenticated = mac_fn is not None
+        if "35" in request and not auth_steps.track_matches(request, session):
+            return self._signed(self._decline(request, route, Status.UNKNOWN_CARD), mac_fn)
         if route.pin and isinstance(command, Inquire | Posting):
-            command = replace(command, pin_required=True, pin=_pin(request, session))
+            command = replace(command, pin_required=True, pin=auth_steps.clear_pin(request, session))
         if route.op in table.UPSTREAM and isinstance(command, Posting):
             outcome = await self._two_phase(command, self._connectors[route.op], insurance=route.op is Op.INSURANCE)
         else:
             outcome = await self._ledger.execute(command)
-        return self._with_sign(self._respond(request, outcome, route, f60), mac_fn)
+        response = self._respond(request, outcome, route, f60, authenticated=authenticated)
+        return self._signed(response, mac_fn)
+
+    async def _authenticate(self, message: Message, auth: TerminalAuth, origin: Origin) -> Session | None:
+        """The key set the message's MAC verifies under (pending keys are promoted);
+        None, counted against the terminal and the peer, when there is none."""
+        session = auth_steps.verified_session(message, auth, origin.listener.mac)
+        if session is None:  # another process may have just changed the keys: look once more
+            fresh = await self._ledger.terminal_auth(auth.terminal_id, refresh=True)
+            if fresh is not None and auth_steps.admit(fresh, auth.merchant_id, origin.listener) is None:
+                auth = fresh
+                session = auth_steps.verified_session(message, auth, origin.listener.mac)
+        if session is None:
+            request = message.fields
+            log.warning("MAC missing or wrong", terminal=auth.terminal_id, trace=request.get("11"),
+                        mti=request["t"], mac_present="64" in request, peer=origin.peer)
+            if self._guard.mac_failed(auth.terminal_id, origin.peer):
+                log.error("too many MAC failures for this terminal: its working keys are withdrawn",
+                          terminal=auth.terminal_id)
+                await self._ledger.execute(DropSession(auth.terminal_id, auth.merchant_id, "mac_failures"))
+            return None
+        if session.pending:
+            promoted = await self._ledger.execute(PromoteKeys(auth.terminal_id, auth.merchant_id, session.generation))
+            if not promoted.approved:
+                return None
+        return session
 
     async def _two_phase(self, command: Posting, connector: UpstreamPort, *, insurance: bool) -> Outcome:
         """Hold the points, send the second leg, then post or release. Nothing is held
@@ -230,10 +275,11 @@ class Router:
         return self._with_op(error_response(request, codes.FOR_STATUS[status]), route)
 
     @staticmethod
-    def _with_sign(response: Response | None, mac_fn: Callable[[bytes], bytes] | None) -> Response | None:
+    def _signed(response: Response | None, mac_fn: Callable[[bytes], bytes] | None) -> Response | None:
+        """A response to an authenticated request carries its MAC (under the same MAK)."""
         if response is None or mac_fn is None:
             return response
-        return replace(response, sign=mac_fn)
+        return replace(response, sign=mac_fn, authenticated=True)
 
     @staticmethod
     def _with_op(response: Response | None, route: Route) -> Response | None:
@@ -248,7 +294,7 @@ class Router:
         if route.op is Op.SIGN_ON:
             return SignOn(terminal, merchant, _KEY_SCHEMES.get(f60.network_code, KeyScheme.DOUBLE))
         if route.op is Op.SIGN_OFF:
-            return SignOff(terminal, merchant)
+            return Command(terminal, merchant)
         card = req["2"]
         if route.op is Op.INQUIRY:
             return Inquire(terminal, merchant, card)
@@ -271,7 +317,8 @@ class Router:
         return Posting(terminal, merchant, key, card, amount_fen, operation, original, counterparty=counterparty)
 
     # -- outcome -> response ----------------------------------------------------
-    def _respond(self, req: Fields, outcome: Outcome, route: Route, f60: Field60) -> Response:
+    def _respond(self, req: Fields, outcome: Outcome, route: Route, f60: Field60, *,
+                 authenticated: bool = False) -> Response:
         mti = table.response_mti(req["t"])
         assert mti is not None
         fields: Fields = {k: req[k] for k in ECHO if k in req}
@@ -300,7 +347,9 @@ class Router:
             fields["37"] = outcome.rrn
         if outcome.approved and outcome.auth_code:
             fields["38"] = outcome.auth_code
-        if outcome.points_balance is not None:
+        # A balance only to an authenticated terminal, on an approval (the ledger gives
+        # none for a reversal whose original it has not seen).
+        if outcome.points_balance is not None and authenticated and outcome.approved:
             balances = [Balance(outcome.points_balance, CURRENCY_POINTS)]
             if outcome.cash_value_fen is not None:
                 balances.append(Balance(outcome.cash_value_fen, CURRENCY_CNY))
@@ -310,44 +359,6 @@ class Router:
         elif outcome.approved and route.op is not Op.INQUIRY:
             fields["63"] = str(outcome.points_moved)
         return Response(fields, op=route.op.value)
-
-
-def _mac_function(method: str, key: bytes | None) -> Callable[[bytes], bytes] | None:
-    if key is None:
-        return None
-    if method == "ecb":
-        return functools.partial(crypto.mac_cup_ecb, key)
-    if method == "x919":
-        return functools.partial(crypto.mac_x919, key)
-    raise ValueError(f"unknown MAC method {method!r}")
-
-
-def _mac_matches(message: Message, mac_fn: Callable[[bytes], bytes]) -> bool:
-    if message.mac_data is None or "64" not in message.fields:
-        return False
-    return hmac.compare_digest(mac_fn(message.mac_data), bytes.fromhex(message.fields["64"]))
-
-
-def _track_matches(request: Fields, session: Session | None) -> bool:
-    """Track 2 must carry the card number of field 2 (decrypted first under 004 keys)."""
-    track = request["35"]
-    if session is not None and session.tdk is not None:
-        try:
-            track = crypto.decrypt_track(session.tdk, track)
-        except crypto.CryptoError:
-            return False
-    return crypto.track2_pan(track) == request.get("2")
-
-
-def _pin(request: Fields, session: Session | None) -> str | None:
-    """The clear PIN from field 52: None when absent (not counted as a try), "" when
-    it does not decrypt to a format 0 block (counted as a wrong PIN)."""
-    if "52" not in request or session is None:
-        return None
-    try:
-        return crypto.decrypt_pin_block(session.pik, bytes.fromhex(request["52"]), request["2"])
-    except crypto.CryptoError:
-        return ""
 
 
 def _now() -> str:

@@ -102,7 +102,8 @@ async def run_scenario(host: str, port: int, tmks: dict[str, bytes], card: str =
             check("pay 0.50 yuan of an insurance premium with points (through the insurer host)",
                   await c.insurance(card, 50, DEMO_POLICY), balance=start + 17)
             check("cash out 0.10 yuan: the bank answers too late, 98, the points come back at once",
-                  await c.cash_out(card, 10, DEMO_SLOW_BANK_CARD), rc="98", balance=start + 17)
+                  await c.cash_out(card, 10, DEMO_SLOW_BANK_CARD), rc="98")
+            check("balance inquiry: nothing left the card", await c.inquiry(card), balance=start + 17)
     finally:
         for term in (a, b, c):
             await term.close()

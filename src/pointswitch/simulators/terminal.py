@@ -95,7 +95,9 @@ class TerminalClient:
     max_frame_bytes: int = 8192
     tmk: bytes | None = field(default=None, repr=False)  # terminal master key, loaded at installation
     default_pin: str | None = field(default=None, repr=False)  # the PIN "typed" when none is given
-    x919_key: bytes | None = field(default=None, repr=False)  # for iso87 listeners with mac = x919
+    # The MAK fills the 16-byte slot of field 62 (3DES MAC); the iso87 (X9.19) default.
+    double_mak: bool | None = None
+    local_host: str | None = None  # the source address to connect from (tests: 127.0.0.x)
     pik: bytes | None = field(default=None, repr=False)
     mak: bytes | None = field(default=None, repr=False)
     tdk: bytes | None = field(default=None, repr=False)
@@ -113,8 +115,9 @@ class TerminalClient:
 
     # -- connection -------------------------------------------------------------
     async def connect(self) -> TerminalClient:
+        local = (self.local_host, 0) if self.local_host else None
         self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), self.timeout_s
+            asyncio.open_connection(self.host, self.port, local_addr=local), self.timeout_s
         )
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
         if self.sign_on_at_connect:
@@ -202,15 +205,21 @@ class TerminalClient:
         self._writer.write(payload)
         await self._writer.drain()
 
+    @property
+    def mak_is_double(self) -> bool:
+        return self.double_mak if self.double_mak is not None else self.dialect_name == "iso87"
+
     def _mac_fn(self) -> Any:
-        if self.x919_key is not None:
-            return lambda data: crypto.mac_x919(self.x919_key, data)
-        if self.mak is not None and self.dialect_name == "cup":
-            return lambda data: crypto.mac_cup_ecb(self.mak, data)
-        return None
+        """UnionPay "ECB" on cup, X9.19 on iso87, under the MAK of the last sign-on."""
+        mak = self.mak
+        if mak is None:
+            return None
+        if self.dialect_name == "iso87":
+            return lambda data: crypto.mac_x919(mak, data)
+        return lambda data: crypto.mac_cup_ecb(mak, data)
 
     async def send(self, fields: dict[str, str], envelope: Envelope | None = None, *,
-                   tamper: bool = False) -> Reply:
+                   tamper: bool = False, mac: bool | None = None) -> Reply:
         """Send one request and wait for the response with the same trace number.
 
         Financial requests carry a MAC when the terminal has a MAC key; with
@@ -222,7 +231,9 @@ class TerminalClient:
         key = (response_mti, fields.get("11", ""))
         if key in self._pending:
             raise TerminalError(f"trace {key[1]} already outstanding on this connection")
-        mac_fn = self._mac_fn() if fields["t"] in FINANCIAL_MTIS else None
+        if mac is None:
+            mac = fields["t"] in FINANCIAL_MTIS
+        mac_fn = self._mac_fn() if mac else None
         payload = self.dialect.encode(fields, envelope, sign=mac_fn)
         if tamper:
             payload = self._tampered(payload, fields)
@@ -266,7 +277,8 @@ class TerminalClient:
         if reply.approved and "60" in reply.fields:
             self.batch = int(reply.fields["60"][2:8])
         if reply.approved and "62" in reply.fields and self.tmk is not None:
-            pik, mak, tdk = parse_62(network_code, bytes.fromhex(reply.fields["62"]))
+            pik, mak, tdk = parse_62(network_code, bytes.fromhex(reply.fields["62"]),
+                                     double_mak=self.mak_is_double and network_code != "001")
             keys = {}
             for name, block in (("PIK", pik), ("MAK", mak), ("TDK", tdk)):
                 if block is None:
@@ -278,10 +290,12 @@ class TerminalClient:
             self.pik, self.mak, self.tdk = keys["PIK"], keys["MAK"], keys.get("TDK")
         return reply
 
-    async def sign_off(self) -> Reply:
+    async def sign_off(self, *, mac: bool = True) -> Reply:
+        """Sign off. With ``mac`` the 0820 carries a MAC, which is what makes the switch
+        withdraw the keys (UnionPay terminals send none: their keys then stay)."""
         fields = self.base_fields("0820", "", "00", network_code="002")
         del fields["3"], fields["25"]
-        return await self.send(fields)
+        return await self.send(fields, mac=mac)
 
     async def echo(self) -> Reply:
         fields = self.base_fields("0820", "", "00", network_code="301")

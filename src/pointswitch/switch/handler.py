@@ -15,7 +15,7 @@ import structlog
 from .. import logs
 from ..codecs import DecodeFailure, Dialect, EncodeFailure
 from ..logs import mask_pan, masked_fields
-from ..routing import Response, Router, Security, codes, error_response
+from ..routing import ListenerPolicy, Origin, Response, Router, codes, error_response
 
 log = structlog.get_logger("pointswitch.switch")
 
@@ -24,16 +24,34 @@ log = structlog.get_logger("pointswitch.switch")
 class Answer:
     payload: bytes | None  # None: nothing can be answered
     answerable: bool = True  # False when the frame could not be read far enough to answer
+    authenticated: bool = False  # the request's MAC verified
+
+
+def peer_address(peer: str) -> str:
+    """The address part of "address:port"."""
+    return peer.rpartition(":")[0] if ":" in peer else peer
 
 
 class FrameHandler:
-    def __init__(self, listener: str, dialect: Dialect, router: Router, request_timeout_s: float,
-                 security: Security | None = None):
-        self.listener = listener
+    def __init__(self, policy: ListenerPolicy, dialect: Dialect, router: Router, request_timeout_s: float):
+        self.policy = policy
+        self.listener = policy.name
         self.dialect = dialect
         self.router = router
         self.request_timeout_s = request_timeout_s
-        self.security = security or Security(mac="ecb" if dialect.name == "cup" else "off")
+
+    def overloaded(self, frame: bytes, peer: str = "") -> Answer:
+        """The answer when too many requests are in progress: 96 at once, nothing routed."""
+        started = time.perf_counter()
+        try:
+            message = self.dialect.decode(frame)
+        except DecodeFailure:
+            return Answer(None, answerable=False)
+        response = error_response(message.fields, codes.SYSTEM_MALFUNCTION)
+        self._log(message.fields, response, started, peer, op="overloaded")
+        if response is None:
+            return Answer(None, answerable=False)
+        return Answer(self._encode(response, message.envelope))
 
     async def handle(self, frame: bytes, peer: str = "") -> Answer:
         started = time.perf_counter()
@@ -51,7 +69,7 @@ class FrameHandler:
             log.debug("request", listener=self.listener, peer=peer, iso=masked_fields(fields))
         try:
             async with asyncio.timeout(self.request_timeout_s):
-                response = await self.router.handle(message, self.security)
+                response = await self.router.handle(message, Origin(self.policy, peer_address(peer)))
         except TimeoutError:
             response = error_response(fields, codes.SYSTEM_MALFUNCTION)
             log.error("request timed out", listener=self.listener, timeout_s=self.request_timeout_s)
@@ -63,7 +81,7 @@ class FrameHandler:
             log.debug("response", listener=self.listener, peer=peer, iso=masked_fields(response.fields))
         if response is None:
             return Answer(None, answerable=False)
-        return Answer(self._encode(response, message.envelope))
+        return Answer(self._encode(response, message.envelope), authenticated=response.authenticated)
 
     def _encode(self, response: Response, envelope: object) -> bytes | None:
         reply = getattr(envelope, "reply", None)

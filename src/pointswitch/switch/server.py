@@ -2,7 +2,11 @@
 
 Requests on one connection are processed concurrently and answered as they
 complete. Reading pauses while ``max_in_flight_per_connection`` requests are in
-progress (back-pressure instead of an unbounded queue).
+progress, and while the peer has not read ``max_write_buffer_bytes`` of answers
+(back-pressure instead of unbounded queues). Past ``max_requests_in_flight``
+across all connections a request is answered 96 at once. A connection that has
+not yet sent a message whose MAC verified is closed after the short
+``unauthenticated_idle_timeout_s``; a peer the guard bans is cut off.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import structlog
 
 from ..codecs import FrameDecoder, FramingError, FramingSpec
 from ..config import Limits
-from .handler import FrameHandler
+from . import metrics
+from .guard import PeerGuard
+from .handler import FrameHandler, peer_address
 
 log = structlog.get_logger("pointswitch.switch")
 
@@ -38,9 +44,13 @@ class Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(listener.framing, self.limits.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.peer_address = ""
         self.in_flight = 0
         self.backlog: collections.deque[bytes] = collections.deque()
-        self.paused = False
+        self.paused = False  # reading paused: too many requests of this connection in progress
+        self.writing_paused = False  # reading paused: the peer does not read its answers
+        self.authenticated = False  # a message of this connection carried a MAC that verified
+        self.counted = False
         self.undecodable_in_a_row = 0
         self._idle: asyncio.TimerHandle | None = None
         self._frame_deadline: asyncio.TimerHandle | None = None
@@ -51,12 +61,26 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else ""
+        self.peer_address = peer_address(self.peer)
         if len(self.switch.connections) >= self.limits.max_connections:
             log.warning("connection refused: limit reached", listener=self.listener.name, peer=self.peer,
                         max_connections=self.limits.max_connections)
+            metrics.CONNECTIONS_REFUSED.labels("limit").inc()
             transport.close()
             return
+        refusal = self.switch.guard.refuse_connection(self.peer_address)
+        if refusal is not None:
+            if refusal == "peer_limit":
+                log.warning("connection refused: too many from this peer", listener=self.listener.name,
+                            peer=self.peer, max_connections_per_peer=self.limits.max_connections_per_peer)
+            metrics.CONNECTIONS_REFUSED.labels(refusal).inc()
+            transport.close()
+            return
+        self.switch.guard.opened(self.peer_address)
+        self.counted = True
         self.switch.connections.add(self)
+        metrics.CONNECTIONS_OPEN.inc()
+        transport.set_write_buffer_limits(high=self.limits.max_write_buffer_bytes)  # type: ignore[attr-defined]
         self._touch()
         log.debug("connection opened", listener=self.listener.name, peer=self.peer)
 
@@ -73,31 +97,61 @@ class Connection(asyncio.Protocol):
         self._dispatch()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.switch.connections.discard(self)
+        if self.counted:
+            self.counted = False
+            self.switch.guard.closed(self.peer_address)
+            self.switch.connections.discard(self)
+            metrics.CONNECTIONS_OPEN.dec()
         for timer in (self._idle, self._frame_deadline):
             if timer:
                 timer.cancel()
         log.debug("connection closed", listener=self.listener.name, peer=self.peer)
 
+    def pause_writing(self) -> None:
+        """The peer is not reading its answers: stop reading its requests until it does."""
+        self.writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._update_reading()
+
     # -- work -----------------------------------------------------------------
     def _dispatch(self) -> None:
         while self.backlog and self.in_flight < self.limits.max_in_flight_per_connection:
             frame = self.backlog.popleft()
+            if self.switch.in_flight >= self.limits.max_requests_in_flight:
+                metrics.OVERLOADED.inc()
+                self._write(self.listener.handler.overloaded(frame, self.peer).payload)
+                continue
             self.in_flight += 1
+            self.switch.in_flight += 1
+            metrics.REQUESTS_IN_FLIGHT.inc()
             task = self.loop.create_task(self._process(frame))
             self.switch.tasks.add(task)
             task.add_done_callback(self.switch.tasks.discard)
-        should_pause = self.in_flight >= self.limits.max_in_flight_per_connection
-        if should_pause and not self.paused and self.transport and not self.transport.is_closing():
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        should_pause = self.writing_paused or self.in_flight >= self.limits.max_in_flight_per_connection
+        if not self.transport or self.transport.is_closing():
+            return
+        if should_pause and not self.paused:
             self.transport.pause_reading()
             self.paused = True
-        elif not should_pause and self.paused and self.transport and not self.transport.is_closing():
+        elif not should_pause and self.paused:
             self.transport.resume_reading()
             self.paused = False
+
+    def _write(self, payload: bytes | None) -> None:
+        if payload is not None and self.transport and not self.transport.is_closing():
+            self.transport.write(self.listener.framing.frame(payload))
 
     async def _process(self, frame: bytes) -> None:
         try:
             answer = await self.listener.handler.handle(frame, self.peer)
+            if answer.authenticated:
+                self.authenticated = True
             if not answer.answerable:
                 self.undecodable_in_a_row += 1
                 if self.undecodable_in_a_row >= self.limits.max_undecodable_frames:
@@ -106,27 +160,34 @@ class Connection(asyncio.Protocol):
                     self._close()
             else:
                 self.undecodable_in_a_row = 0
-            if answer.payload is not None and self.transport and not self.transport.is_closing():
-                self.transport.write(self.listener.framing.frame(answer.payload))
+            self._write(answer.payload)
         except Exception:
             log.exception("unexpected failure processing a frame", listener=self.listener.name)
         finally:
             self.in_flight -= 1
+            self.switch.in_flight -= 1
+            metrics.REQUESTS_IN_FLIGHT.dec()
             self._touch()
             self._dispatch()
 
     # -- timers ---------------------------------------------------------------
+    @property
+    def idle_timeout_s(self) -> float:
+        if self.authenticated:
+            return self.limits.idle_timeout_s
+        return min(self.limits.idle_timeout_s, self.limits.unauthenticated_idle_timeout_s)
+
     def _touch(self) -> None:
         if self._idle:
             self._idle.cancel()
-        self._idle = self.loop.call_later(self.limits.idle_timeout_s, self._on_idle)
+        self._idle = self.loop.call_later(self.idle_timeout_s, self._on_idle)
 
     def _on_idle(self) -> None:
         if self.in_flight:
             self._touch()
             return
         log.info("idle connection closed", listener=self.listener.name, peer=self.peer,
-                 idle_timeout_s=self.limits.idle_timeout_s)
+                 idle_timeout_s=self.idle_timeout_s, authenticated=self.authenticated)
         self._close()
 
     def _arm_frame_deadline(self) -> None:
@@ -150,13 +211,21 @@ class Connection(asyncio.Protocol):
 
 
 class Switch:
-    def __init__(self, listeners: list[Listener], limits: Limits):
+    def __init__(self, listeners: list[Listener], limits: Limits, guard: PeerGuard):
         self.listeners = listeners
         self.limits = limits
+        self.guard = guard
+        guard.on_ban = self.close_peer
+        self.in_flight = 0
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.servers: list[asyncio.Server] = []
         self.bound: dict[str, tuple[str, int]] = {}
+
+    def close_peer(self, address: str) -> None:
+        """Close every connection from ``address`` (a banned peer)."""
+        for conn in [c for c in self.connections if c.peer_address == address]:
+            conn._close()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
