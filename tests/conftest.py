@@ -9,7 +9,6 @@ through their own connections.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import os
 import threading
@@ -130,9 +129,14 @@ async def answer_or_none(term: TerminalClient, frame: bytes, timeout_s: float = 
         return None
 
 
-@functools.cache
-def _test_pin_hash() -> str:
-    return admin.hash_pin(TEST_PIN)
+def scrypt_pin_hash(pin: str) -> str:
+    """A PIN hash as versions before keyed verification values stored them."""
+    import hashlib
+    import secrets
+
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(pin.encode(), salt=salt, n=2**14, r=8, p=1)
+    return f"scrypt${2**14}$8$1${salt.hex()}${digest.hex()}"
 
 
 @dataclass
@@ -205,12 +209,8 @@ async def make_network(sut: SwitchUnderTest, *, terminals: int = 2, cards: int =
         card_numbers = []
         for i in range(cards):
             card = f"62888{n:07d}{i:04d}"
-            await admin.add_card(con, sut.vault, card, f"Member {n}-{i}", "13800000000")
+            await admin.add_card(con, sut.vault, card, f"Member {n}-{i}", "13800000000", pin=TEST_PIN)
             card_numbers.append(card)
-        # One real scrypt hash shared by the test cards: hashing per card would
-        # dominate the hypothesis tests that build a network per example.
-        await con.execute("UPDATE cards SET pin_hash = $2 WHERE card_index = ANY($1::text[])",
-                          [sut.vault.card_index(c) for c in card_numbers], _test_pin_hash())
     finally:
         await con.close()
     return Network(sut.dsn, sut.ports, merchant, tids, card_numbers, other, tmks, sut.vault, iso_tids)

@@ -24,10 +24,9 @@ from pointswitch.codecs import crypto
 from pointswitch.ledger import Outcome, Status, admin, audit
 from pointswitch.ledger.carddata import unseal_card
 from pointswitch.ledger.database import migrate
-from pointswitch.ledger.pins import hash_pin
 from pointswitch.ledger.vault import DATA_KEYS, DataKeysNotLoaded, Vault, VaultError
 
-from .conftest import TEST_PIN, SwitchUnderTest, _test_config, make_network
+from .conftest import TEST_PIN, SwitchUnderTest, _test_config, make_network, scrypt_pin_hash
 from .test_upstream import BANK_CARD, POLICY, _terminal, hosts, upstream_switch
 
 # Card data of this module's own cards: distinctive, so that a find means a leak.
@@ -238,7 +237,7 @@ async def _write_the_old_way(con: asyncpg.Connection, vault: Vault, tmk: bytes) 
                                       LEGACY_CARD)
     await con.execute("INSERT INTO cards (card_number, holder_name, phone, pin_hash, account_id, points_balance)"
                       " VALUES ($1, $2, $3, $4, $5, 120)", LEGACY_CARD, LEGACY_HOLDER, LEGACY_PHONE,
-                      hash_pin(TEST_PIN), card_account)
+                      scrypt_pin_hash(TEST_PIN), card_account)
     for trace, amount in ((10, 10_000), (11, 2_000)):  # two accruals: 100 + 20 points
         outcome = Outcome(Status.APPROVED, points_moved=amount // 100, points_balance=120, rrn=f"9{trace:011d}",
                           auth_code="123456", host_time="2026-01-01T10:00:00+08:00")
@@ -291,6 +290,8 @@ async def test_a_database_of_the_previous_version_is_converted_at_start_up(switc
         con = await asyncpg.connect(dsn)
         try:
             shown = await admin.show_card(con, vault, LEGACY_CARD, reveal=True)
+            pin_stored = await con.fetchval("SELECT pin_hash FROM cards WHERE card_index = $1",
+                                            vault.card_index(LEGACY_CARD))
             problems = await admin.check_invariants(con)
             columns = {(r["table_name"], r["column_name"]) for r in await con.fetch(
                 "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public'")}
@@ -305,6 +306,7 @@ async def test_a_database_of_the_previous_version_is_converted_at_start_up(switc
     assert declined_again.rc == "14", "the declined request of a never-issued card replays its decline"
     assert (accrual.rc, accrual.points_balance) == ("00", 125)
     assert (redemption.rc, redemption.points_balance) == ("00", 100)
+    assert pin_stored.startswith("pvv1$"), "the old scrypt hash is replaced at the first right PIN"
     assert (shown["card_number"], shown["holder_name"], shown["phone"]) == (LEGACY_CARD, LEGACY_HOLDER,
                                                                              LEGACY_PHONE)
     assert [p["points"] for p in shown["postings"]] == [-25, 5, 20, 100]

@@ -24,6 +24,7 @@ from pointswitch.app import Running, running_switch
 from pointswitch.codecs import crypto
 from pointswitch.config import ConfigError, ListenerConfig, load
 from pointswitch.ledger import admin
+from pointswitch.ledger.pins import pin_verifier
 from pointswitch.simulators.terminal import TerminalClient, TerminalError
 from pointswitch.switch import metrics
 
@@ -433,3 +434,83 @@ def test_interleavings_never_post_a_forgery_nor_stop_the_real_terminal_past_one_
         assert await net.balance(card) == start + approved, "exactly the real terminal's accruals posted"
 
     asyncio.run(run())
+
+
+# -- 5. PINs --------------------------------------------------------------------------------------
+async def _pin_state(net: Network, card: str) -> tuple[int, int, bool, str]:
+    con = await net.db()
+    try:
+        row = await con.fetchrow("SELECT pin_failures, pin_checks_pending, pin_locked, pin_hash FROM cards"
+                                 " WHERE card_index = $1", net.card_index(card))
+    finally:
+        await con.close()
+    return row["pin_failures"], row["pin_checks_pending"], row["pin_locked"], row["pin_hash"]
+
+
+async def _connections(net: Network, n: int) -> list[TerminalClient]:
+    """n connections of one terminal sharing one session (as a terminal pool would)."""
+    terms = [net.terminal(0, sign_on=i == 0) for i in range(n)]
+    for i, t in enumerate(terms):
+        await t.connect()
+        t.trace = 1000 + i * 50
+        t.pik, t.mak = terms[0].pik, terms[0].mak
+    return terms
+
+
+async def test_parallel_wrong_pins_cannot_get_more_tries_than_the_limit(network):
+    card = network.cards[0]
+    async with network.terminal(0) as term:
+        assert (await term.accrue(card, 100_000)).rc == "00"
+    terms = await _connections(network, 12)
+    try:
+        replies = await asyncio.gather(*(t.redeem(card, 100, pin=f"{i:06d}") for i, t in enumerate(terms, 1)))
+    finally:
+        for t in terms:
+            await t.close()
+    rcs = sorted(r.rc for r in replies)
+    failures, pending, locked, _ = await _pin_state(network, card)
+    assert rcs.count("55") <= 2 and rcs.count("00") == 0, rcs
+    assert (failures, pending, locked) == (3, 0, True), "exactly max_pin_tries were tried, then locked"
+
+
+async def test_parallel_right_pins_all_pass(network):
+    card = network.cards[0]
+    async with network.terminal(0) as term:
+        assert (await term.accrue(card, 100_000)).rc == "00"
+    terms = await _connections(network, 10)
+    try:
+        replies = await asyncio.gather(*(t.redeem(card, 100) for t in terms))
+    finally:
+        for t in terms:
+            await t.close()
+    assert [r.rc for r in replies] == ["00"] * 10
+    assert (await _pin_state(network, card))[:3] == (0, 0, False)
+
+
+async def test_a_retransmitted_wrong_pin_counts_one_try(network):
+    card = network.cards[0]
+    async with network.terminal(0) as term:
+        await term.accrue(card, 10_000)
+        wrong = term.request("redeem", card, 100, pin="999999")
+        first, again = await term.send(wrong), await term.send(wrong)
+    assert (first.rc, again.rc) == ("55", "55")
+    assert (await _pin_state(network, card))[0] == 1
+
+
+async def test_pins_are_keyed_verification_values_and_12_digit_cards_work(switch, network):
+    card = "628881234567"  # 12 digits
+    con = await network.db()
+    try:
+        await admin.add_card(con, switch.vault, card, "Short Number", pin="2468")
+    finally:
+        await con.close()
+    async with network.terminal(0) as term:
+        await term.accrue(card, 5000)
+        paid = await term.redeem(card, 10, pin="2468")
+        wrong = await term.redeem(card, 10, pin="1357")
+    _, _, _, stored = await _pin_state(network, card)
+    assert (paid.rc, wrong.rc) == ("00", "55")
+    assert stored.startswith("pvv1$") and "2468" not in stored
+    pvk = switch.vault.data_key("pvk")
+    assert stored == pin_verifier(pvk, card, "2468"), "HMAC under the vault's PIN verification key"
+    assert stored != pin_verifier(bytes(32), card, "2468"), "without the key it cannot be computed"

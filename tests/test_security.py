@@ -73,7 +73,7 @@ async def test_keys_are_sealed_at_rest_and_never_stored_in_clear(network):
     for key in (tmk, pik, mak):
         assert key not in dump and key.hex().encode() not in dump.lower()
     assert row["tmk_kcv"] == crypto.check_value(tmk).hex().upper()
-    assert card["pin_hash"].startswith("scrypt$") and TEST_PIN not in card["pin_hash"]
+    assert card["pin_hash"].startswith("pvv1$") and TEST_PIN not in card["pin_hash"]
 
 
 async def test_a_terminal_that_never_signed_on_is_declined_A0_and_asked_to_sign_on(network):

@@ -22,12 +22,12 @@ from .cards import add_card, add_cards_in_bulk, set_card_status, set_pin, show_c
 from .errors import AdminError
 from .merchants import add_merchant, get_merchant, insert_merchant, list_merchants, merchant_rates, update_merchant
 from .model import TerminalProfile
-from .pins import hash_pin
+from .pins import pin_verifier
 from .vault import Vault
 
 __all__ = [
     "AdminError", "add_card", "add_cards_in_bulk", "add_merchant", "add_terminal", "check_invariants",
-    "checked_profile", "connectors", "get_merchant", "hash_pin", "list_merchants", "list_terminals", "mask_card",
+    "checked_profile", "connectors", "get_merchant", "pin_verifier", "list_merchants", "list_terminals", "mask_card",
     "rekey_terminal", "seed", "set_card_status", "set_pin", "set_terminal_profile", "set_terminal_status",
     "show_card", "unlock_pin", "update_merchant", "upstream_reversals",
 ]
@@ -153,7 +153,8 @@ async def seed(con: asyncpg.Connection, vault: Vault, *, merchant_id: str, earn_
     exist. Existing terminals keep their keys and existing cards their PINs. All
     terminals created share one master key (returned, the one time it is shown)
     and all cards created one PIN: load-test data only. One audit entry."""
-    pin_hash = hash_pin(pin)
+    if not re.fullmatch(r"[0-9]{4,12}", pin):
+        raise AdminError("a PIN is 4 to 12 digits")
     async with con.transaction():
         merchant_exists = await con.fetchval("SELECT 1 FROM merchants WHERE merchant_id = $1", merchant_id)
         if not merchant_exists:
@@ -166,7 +167,7 @@ async def seed(con: asyncpg.Connection, vault: Vault, *, merchant_id: str, earn_
         for tid in new_ids:
             assert tmk is not None
             await _insert_terminal(con, vault, tid, merchant_id, "active", tmk, checked_profile(TerminalProfile()))
-        cards_created, cards_skipped = await add_cards_in_bulk(con, vault, first_card, cards, pin_hash)
+        cards_created, cards_skipped = await add_cards_in_bulk(con, vault, first_card, cards, pin)
         result: dict[str, Any] = {
             "merchant_id": merchant_id, "merchant_created": not merchant_exists,
             "terminals_created": len(new_ids), "terminals_skipped": len(existing),

@@ -16,7 +16,7 @@ import asyncpg
 from . import audit
 from .carddata import SealedCard, mask_card, mask_name, mask_phone, seal_card, unseal_card
 from .errors import AdminError
-from .pins import hash_pin
+from .pins import pin_verifier
 from .vault import Vault
 
 _BULK_CHUNK = 50_000  # load-test cards sealed and copied per round trip
@@ -43,7 +43,7 @@ async def add_card(con: asyncpg.Connection, vault: Vault, card_number: str, hold
     if status not in ("active", "blocked"):
         raise AdminError("card status is active or blocked")
     sealed = seal_card(vault, card_number, holder_name, phone or None)
-    pin_hash = hash_pin(pin) if pin else None
+    pin_hash = pin_verifier(vault.data_key("pvk"), card_number, pin) if pin else None
     async with con.transaction():
         account = await card_account(con, sealed.card_index)
         try:
@@ -80,8 +80,8 @@ async def set_card_status(con: asyncpg.Connection, vault: Vault, card_number: st
 
 
 async def set_pin(con: asyncpg.Connection, vault: Vault, card_number: str, pin: str) -> dict[str, Any]:
-    """Set a card's PIN (stored as a salted scrypt hash); clears failed tries and a PIN lock."""
-    pin_hash = hash_pin(pin)
+    """Set a card's PIN (stored as a keyed verification value); clears failed tries and a PIN lock."""
+    pin_hash = pin_verifier(vault.data_key("pvk"), card_number, pin)
     return await _change(con, vault, card_number, "card.set_pin",
                          "UPDATE cards SET pin_hash = $2, pin_failures = 0, pin_locked = false, updated_at = now()"
                          " WHERE card_index = $1", pin_hash)
@@ -148,9 +148,9 @@ async def show_card(con: asyncpg.Connection, vault: Vault, card_number: str, pos
     }
 
 
-async def add_cards_in_bulk(con: asyncpg.Connection, vault: Vault, first: int, count: int, pin_hash: str
+async def add_cards_in_bulk(con: asyncpg.Connection, vault: Vault, first: int, count: int, pin: str
                             ) -> tuple[int, int]:
-    """Cards ``first`` .. ``first + count - 1`` with one PIN hash (load-test data).
+    """Cards ``first`` .. ``first + count - 1``, all with one PIN (load-test data).
     Cards that exist are left as they are. Returns (created, skipped).
 
     Indexes and seals are computed here and copied in bulk: 100k cards take seconds."""
@@ -161,21 +161,23 @@ async def add_cards_in_bulk(con: asyncpg.Connection, vault: Vault, first: int, c
     async with con.transaction():
         await con.execute(
             "CREATE TEMP TABLE seed_cards (card_index text, pan_sealed bytea, holder_sealed bytea,"
-            " pan_display text) ON COMMIT DROP")
+            " pan_display text, pin_hash text) ON COMMIT DROP")
+        pvk = vault.data_key("pvk")
         for start in range(0, count, _BULK_CHUNK):
-            sealed: list[SealedCard] = [seal_card(vault, n, LOAD_HOLDER, None)
-                                        for n in numbers[start:start + _BULK_CHUNK]]
+            chunk = numbers[start:start + _BULK_CHUNK]
+            sealed: list[SealedCard] = [seal_card(vault, n, LOAD_HOLDER, None) for n in chunk]
             await con.execute("TRUNCATE seed_cards")
             await con.copy_records_to_table(
-                "seed_cards", records=[(s.card_index, s.pan_sealed, s.holder_sealed, s.pan_display) for s in sealed])
+                "seed_cards", records=[(s.card_index, s.pan_sealed, s.holder_sealed, s.pan_display,
+                                        pin_verifier(pvk, n, pin)) for s, n in zip(sealed, chunk, strict=True)])
             await con.execute(
                 "INSERT INTO accounts (kind, owner) SELECT 'card', s.card_index FROM seed_cards s"
                 " WHERE NOT EXISTS (SELECT 1 FROM cards c WHERE c.card_index = s.card_index)"
                 " ON CONFLICT DO NOTHING")
             created += int(await con.fetchval(
                 "WITH added AS (INSERT INTO cards (card_index, pan_sealed, holder_sealed, pan_display, account_id,"
-                " pin_hash) SELECT s.card_index, s.pan_sealed, s.holder_sealed, s.pan_display, a.account_id, $1"
-                " FROM seed_cards s JOIN accounts a ON a.kind = 'card' AND a.owner = s.card_index"
-                " ON CONFLICT (card_index) DO NOTHING RETURNING 1) SELECT count(*) FROM added", pin_hash))
+                " pin_hash) SELECT s.card_index, s.pan_sealed, s.holder_sealed, s.pan_display, a.account_id,"
+                " s.pin_hash FROM seed_cards s JOIN accounts a ON a.kind = 'card' AND a.owner = s.card_index"
+                " ON CONFLICT (card_index) DO NOTHING RETURNING 1) SELECT count(*) FROM added"))
         await con.execute("DROP TABLE seed_cards")
     return created, count - created

@@ -220,6 +220,8 @@ class Posting(Command):
     operation: Operation
     original: OriginalRef | None = None
     pin_required: bool = False
+    # The PIN check's answer, decided before the posting's transaction (None: right, or not asked).
+    pin_refusal: Status | None = field(default=None, compare=False)
     # The clear PIN, decrypted from the PIN block; memory only, and not part of the
     # fingerprint (a stored hash of a 6-digit PIN would be guessable).
     pin: str | None = field(default=None, repr=False, compare=False)

@@ -153,7 +153,7 @@ class Ledger:
         self._vault = vault
         self.max_pin_tries = max_pin_tries
         self.usage = usage or {}
-        self._pins = PinCheck(max_pin_tries, pin_workers)
+        self._pins = PinCheck(pool, vault.data_key("pvk"), max_pin_tries, pin_workers)
         self._terminals = TerminalKeys(pool, vault, max_pending=max_pending_sign_ons,
                                        pending_ttl_s=pending_keys_ttl_s)
         self.sessions = SessionCache(self._terminals.load, max_entries=session_cache_size)
@@ -237,6 +237,12 @@ class Ledger:
             return Status.TERMINAL_DISABLED
         return None
 
+    async def _stored(self, cmd: Posting) -> Outcome | None:
+        """The answer already given under this request's key, if there is one."""
+        async with self._pool.acquire() as con:
+            taken = await con.fetchval("SELECT 1 FROM requests WHERE request_key = $1", str(cmd.key))
+        return await self._replay(cmd.key, self._fingerprint(cmd)) if taken else None
+
     async def _replay(self, key: RequestKey, fingerprint: bytes | None) -> Outcome:
         async with self._pool.acquire() as con:
             row = await con.fetchrow(
@@ -291,18 +297,18 @@ class Ledger:
         return int(request_id)
 
     async def _inquire(self, cmd: Inquire) -> Outcome:
+        card_index = self._vault.card_index(cmd.card_number)
+        pin_refusal = await self._pins.check(cmd.card_number, card_index, cmd.pin) if cmd.pin_required else None
         async with self._pool.acquire() as con, con.transaction():
-            ctx = await self._context(con, cmd, self._vault.card_index(cmd.card_number))
+            ctx = await self._context(con, cmd, card_index)
             if isinstance(ctx, Outcome):
                 return ctx
             if ctx["card_status"] is None:
                 return Outcome(Status.UNKNOWN_CARD, rrn=ctx["rrn"], host_time=_now())
             if ctx["card_status"] != "active":
                 return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
-            if cmd.pin_required:
-                pin_problem = await self._pins.check(con, ctx, ctx["card_index"], cmd.pin)
-                if pin_problem:
-                    return Outcome(pin_problem, rrn=ctx["rrn"], host_time=_now())
+            if pin_refusal:
+                return Outcome(pin_refusal, rrn=ctx["rrn"], host_time=_now())
         balance = ctx["points_balance"]
         return Outcome(
             Status.APPROVED, points_balance=balance,
@@ -312,9 +318,17 @@ class Ledger:
 
     # -- postings ------------------------------------------------------------
     async def _posting(self, cmd: Posting) -> Outcome:
+        card_index = self._vault.card_index(cmd.card_number)
+        if cmd.pin_required:
+            # A retransmission is answered from the log and costs no PIN try; the
+            # check itself runs before the transaction, holding no connection.
+            stored = await self._stored(cmd)
+            if stored is not None:
+                return stored
+            cmd = replace(cmd, pin_refusal=await self._pins.check(cmd.card_number, card_index, cmd.pin))
         try:
             async with self._pool.acquire() as con, con.transaction():
-                ctx = await self._context(con, cmd, self._vault.card_index(cmd.card_number))
+                ctx = await self._context(con, cmd, card_index)
                 if isinstance(ctx, Outcome):
                     return ctx
                 step = _STEPS[cmd.operation]
@@ -359,7 +373,7 @@ class Ledger:
     async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
         problem = self._card_problem(ctx, cmd, spending=True)
         if problem is None and cmd.pin_required:
-            problem = await self._pins.check(con, ctx, ctx["card_index"], cmd.pin)
+            problem = cmd.pin_refusal
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = points_for_value(cmd.amount_fen, ctx["redeem_value"])
@@ -452,7 +466,7 @@ class Ledger:
         if problem is None and cmd.amount_fen < rule.min_amount_fen:
             problem = Status.INVALID_AMOUNT
         if problem is None and cmd.pin_required:
-            problem = await self._pins.check(con, ctx, ctx["card_index"], cmd.pin)
+            problem = cmd.pin_refusal
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         # The card row lock serialises this card's requests, so the daily total is exact.
