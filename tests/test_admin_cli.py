@@ -219,3 +219,22 @@ def test_seed_creates_only_what_does_not_exist_and_never_touches_existing_termin
         return changed.rc, seeded.rc, added.rc
 
     assert asyncio.run(use()) == ("00", "00", "00")
+
+
+def test_terminal_profile_is_set_at_registration_and_changed_by_an_operator(switch):
+    db, env = ["--dsn", switch.dsn], _env(switch)
+    m, t = "MPRO00000000001", "TPRO0001"
+    _cli("admin", "merchant", "add", m, "--name", "Profile Shop", "--earn-rate", "1", *db, env=env)
+    added = json.loads(_cli("admin", "terminal", "add", t, "--merchant", m, "--dialect", "iso87", "--json",
+                            *db, env=env).stdout)
+    before = _last_audit_id(switch.dsn)
+    changed = json.loads(_cli("admin", "terminal", "profile", t, "--dialect", "cup", "--mac", "ecb",
+                              "--allow-single-des", "--json", *db, env=env).stdout)
+    refused = _cli("admin", "terminal", "profile", t, "--mac", "rot13", *db, env=env, check=False)
+    assert (added["dialect"], added["mac"], added["double_mak"]) == ("iso87", "x919", True), \
+        "iso87 defaults to X9.19, which always has a double-length MAK"
+    assert (changed["dialect"], changed["mac"], changed["single_des_allowed"]) == ("cup", "ecb", True)
+    assert changed["session"] == "none", "a profile change withdraws the working keys"
+    assert refused.returncode != 0
+    actions = [r["action"] for r in _fetch(switch.dsn, "SELECT action FROM audit_log WHERE audit_id > $1", before)]
+    assert actions == ["terminal.profile"]

@@ -72,7 +72,7 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
                                 dialect_name=args.dialect, framing_name=args.framing,
                                 batch=state["batch"], trace=state["trace"], timeout_s=args.timeout,
                                 tmk=key("tmk"), default_pin=args.pin, pik=key("pik"), mak=key("mak"),
-                                tdk=key("tdk"))
+                                tdk=key("tdk"), double_mak=args.double_mak)
         async with client:
             op = args.op
             if op == "sign-on":
@@ -176,6 +176,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     st.add_argument("--pin", help="the member's PIN, typed on the PIN pad (inquiry, redeem; '-' reads it from"
                     " standard input)")
     st.add_argument("--key-scheme", default="003", choices=["001", "003", "004"], help="sign-on 60.3")
+    st.add_argument("--double-mak", action=argparse.BooleanOptionalAction, default=None,
+                    help="the terminal's profile has a double-length MAK (default: yes for iso87, no for cup)")
     st.add_argument("--tamper", action="store_true",
                     help="change one byte of the message after its MAC was computed (shows the A0 path)")
     st.add_argument("--timeout", type=float, default=10.0)
