@@ -17,7 +17,15 @@ import structlog
 from .codecs import dialect, framing
 from .config import Config, ListenerConfig
 from .ledger import Ledger, Operation, UsageRule
-from .ledger.database import EmbeddedServer, create_pool, migrate
+from .ledger.database import (
+    CONNECT_ERRORS,
+    DatabaseStartError,
+    EmbeddedServer,
+    connect_failure,
+    create_pool,
+    dsn_target,
+    migrate,
+)
 from .ledger.saf import ReversalQueue
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
 from .routing import ListenerPolicy, Router
@@ -39,7 +47,8 @@ def install_uvloop() -> None:
 
 
 def resolve_dsn(config: Config) -> tuple[str, EmbeddedServer | None]:
-    """The configured DSN, or an embedded server's (started here, before any loop)."""
+    """The configured DSN, or an embedded server's (started here, before any loop).
+    Raises DatabaseStartError when the embedded server does not start."""
     if config.database.dsn:
         return config.database.dsn, None
     embedded = EmbeddedServer(config.data_dir)
@@ -82,15 +91,18 @@ def listener_policy(lc: ListenerConfig) -> ListenerPolicy:
 async def database(config: Config, dsn: str, vault: Vault) -> AsyncIterator[asyncpg.Pool]:
     """The pool of a migrated database whose master key is ``vault``'s, with the
     vault's data keys loaded."""
-    pool = await create_pool(
-        dsn,
-        min_size=config.database.pool_min_size,
-        max_size=config.database.pool_max_size,
-        command_timeout_s=config.database.command_timeout_s,
-    )
+    db = config.database
+    try:
+        pool = await create_pool(dsn, min_size=db.pool_min_size, max_size=db.pool_max_size,
+                                 command_timeout_s=db.command_timeout_s, connect_timeout_s=db.connect_timeout_s)
+    except CONNECT_ERRORS as exc:  # one line naming the server, never the password
+        raise connect_failure(dsn, exc, db.connect_timeout_s) from exc
     try:
         async with pool.acquire() as con:
-            applied = await migrate(con, vault)
+            try:
+                applied = await migrate(con, vault)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise DatabaseStartError(f"migrating the database ({dsn_target(dsn)}) failed: {exc}") from exc
             await vault.check_database(con)
             await vault.load_data_keys(con)
         if applied:

@@ -110,6 +110,8 @@ class DatabaseConfig:
     pool_min_size: int = 2
     pool_max_size: int = 10
     command_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0  # opening a connection (start-up, pool) gives up after this
+    restart_embedded: bool = True  # serve restarts the embedded PostgreSQL when it finds it not running
 
 
 @dataclass

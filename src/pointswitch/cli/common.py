@@ -101,10 +101,23 @@ def vault(cfg: config_mod.Config, embedded: bool) -> Any:
         sys.exit(f"pointswitch: {exc}")
 
 
+def resolve_dsn(cfg: config_mod.Config) -> Any:
+    """``app.resolve_dsn``: the DSN and the embedded server (or None). An embedded server
+    that does not start ends the command with one line on stderr, exit code 1."""
+    from ..app import resolve_dsn as resolve
+    from ..ledger.database import DatabaseStartError
+
+    try:
+        return resolve(cfg)
+    except DatabaseStartError as exc:
+        sys.exit(f"pointswitch: cannot start: {exc}")
+
+
 def with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
     """Run ``fn(connection, vault)`` against the configured database (migrated)."""
-    from ..app import database, resolve_dsn
+    from ..app import database
     from ..ledger.admin import AdminError
+    from ..ledger.database import DatabaseStartError
     from ..ledger.pins import PinFormatError
     from ..ledger.vault import VaultError
 
@@ -123,6 +136,8 @@ def with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) 
         return asyncio.run(run())
     except (AdminError, PinFormatError, VaultError) as exc:
         sys.exit(f"pointswitch: {exc}")
+    except DatabaseStartError as exc:
+        sys.exit(f"pointswitch: cannot start: {exc}")
     finally:
         if embedded:
             embedded.stop()

@@ -12,7 +12,8 @@ from . import common
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..app import install_uvloop, resolve_dsn, serve
+    from ..app import install_uvloop, serve
+    from ..ledger.database import DatabaseStartError
     from ..ledger.vault import VaultError
 
     cfg = common.config(args)
@@ -21,14 +22,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         common.vault(cfg, True)  # refuse before starting anything when the key is unusable
     else:
         common.vault(cfg, False)
-    dsn, embedded = resolve_dsn(cfg)
+    dsn, embedded = common.resolve_dsn(cfg)
     vault = common.vault(cfg, embedded is not None)
+    if embedded is not None and cfg.database.restart_embedded:
+        embedded.watch()  # restarts the embedded PostgreSQL if it dies while the switch runs
     install_uvloop()
     try:
         asyncio.run(serve(cfg, dsn, vault))
     except (VaultError, config_mod.ConfigError) as exc:
         sys.exit(f"pointswitch: {exc}")
-    except OSError as exc:  # a port in use, a database that cannot be reached
+    except (OSError, DatabaseStartError) as exc:  # a port in use; a database that cannot be reached
         sys.exit(f"pointswitch: cannot start: {exc}")
     finally:
         if embedded:
@@ -37,14 +40,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from ..app import database, resolve_dsn
+    from ..app import database
+    from ..ledger.database import DatabaseStartError
     from ..ledger.vault import VaultError
 
     cfg = common.config(args)
     logs.configure(cfg.log_level)
     if cfg.database.dsn:
         common.vault(cfg, False)  # refuse before anything when the key is unusable
-    dsn, embedded = resolve_dsn(cfg)
+    dsn, embedded = common.resolve_dsn(cfg)
     vault = common.vault(cfg, embedded is not None)  # converting clear card data needs the vault
 
     async def run() -> None:
@@ -55,6 +59,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         asyncio.run(run())
     except VaultError as exc:
         sys.exit(f"pointswitch: {exc}")
+    except DatabaseStartError as exc:
+        sys.exit(f"pointswitch: cannot start: {exc}")
     finally:
         if embedded:
             embedded.stop()

