@@ -184,9 +184,11 @@ def _bin() -> Path:
 
 
 def _stale_pid_file(pgdata: Path, pid: int) -> None:
-    """postmaster.pid as a server killed by a power loss leaves it, naming ``pid``."""
+    """postmaster.pid and the socket's lock file as a power loss leaves them, naming ``pid``."""
+    started = int(time.time()) - 3600
     (pgdata / "postmaster.pid").write_text(
-        f"{pid}\n{pgdata}\n{int(time.time()) - 3600}\n5432\n{pgdata}\n\n  5432001         0\nready   \n")
+        f"{pid}\n{pgdata}\n{started}\n5432\n{pgdata}\n\n  5432001         0\nready   \n")
+    (pgdata / ".s.PGSQL.5432.lock").write_text(f"{pid}\n{pgdata}\n{started}\n5432\n{pgdata}\n")
 
 
 def test_a_stale_postmaster_pid_is_handled_without_manual_work(tmp_path, started):
@@ -207,6 +209,7 @@ def test_a_stale_postmaster_pid_is_handled_without_manual_work(tmp_path, started
         warnings = [e for e in serve.events() if e.get("level") == "warning" and "postmaster.pid" in e["event"]]
         assert len(warnings) == 1, serve.log.read_text()
         assert warnings[0]["pid"] == sleeper.pid and "sleep 60" in warnings[0]["process"]
+        assert warnings[0]["files"] == [str(pgdata / "postmaster.pid"), str(pgdata / ".s.PGSQL.5432.lock")]
         assert _alive(sleeper.pid), "the unrelated process is left alone"
         new = _postmaster(pgdata)
         assert new != sleeper.pid and new is not None and _alive(new)

@@ -9,10 +9,13 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import config as config_mod
 from .. import logs
+
+if TYPE_CHECKING:
+    from ..ledger.database import EmbeddedServer
 
 EXIT_USAGE = 2
 
@@ -101,7 +104,7 @@ def vault(cfg: config_mod.Config, embedded: bool) -> Any:
         sys.exit(f"pointswitch: {exc}")
 
 
-def resolve_dsn(cfg: config_mod.Config) -> Any:
+def resolve_dsn(cfg: config_mod.Config) -> tuple[str, EmbeddedServer | None]:
     """``app.resolve_dsn``: the DSN and the embedded server (or None). An embedded server
     that does not start ends the command with one line on stderr, exit code 1."""
     from ..app import resolve_dsn as resolve

@@ -12,6 +12,7 @@ import getpass
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -57,11 +58,17 @@ class EmbeddedServer:
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         from . import embedded
 
+        pgdata, failed = self.pgdata, f"the embedded PostgreSQL in {self.pgdata} did not start"
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._server = embedded.join(self.data_dir / "pg")
-        except (embedded.StartError, OSError) as exc:
-            raise DatabaseStartError(str(exc)) from exc
+            self._server = embedded.join(pgdata)
+        except subprocess.CalledProcessError as exc:  # initdb or pg_ctl: the server's log says why
+            reason = embedded.server_log_tail(pgdata) or f"{Path(str(exc.cmd[0])).name} exited {exc.returncode}"
+            raise DatabaseStartError(f"{failed}: {reason} (its log: {pgdata / 'log'})") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise DatabaseStartError(f"{failed} within {exc.timeout:g} s (its log: {pgdata / 'log'})") from exc
+        except (OSError, AssertionError) as exc:  # the folder; the package's checks of postmaster.pid
+            raise DatabaseStartError(f"{failed}: {str(exc) or repr(exc)}") from exc
         admin_uri = self._server.get_uri()
         self._ensure_database(admin_uri)
         return self._server.get_uri(DATABASE_NAME)

