@@ -297,10 +297,15 @@ def test_database_start_up_errors_are_one_line_naming_the_server(switch, tmp_pat
         assert why in stderr, (name, command, stderr)
         assert PASSWORD not in stderr, (name, command, stderr)
 
-    # An embedded server that cannot start: one line too.
-    (tmp_path / "a-file").write_text("")
-    broken = _cli("admin", "merchant", "list", env={"POINTSWITCH_DATA_DIR": str(tmp_path / "a-file" / "data")})
-    assert broken.returncode == 1 and broken.stderr.startswith("pointswitch: cannot start: "), broken.stderr
+    # An embedded server that cannot start: one line too, with what its tools said.
+    (tmp_path / "broken" / "pg").mkdir(parents=True)
+    (tmp_path / "broken" / "pg" / "stray").write_text("not a PostgreSQL data folder")
+    broken = _cli("admin", "merchant", "list", env={"POINTSWITCH_DATA_DIR": str(tmp_path / "broken")})
+    assert broken.returncode == 1, broken.stderr
+    assert broken.stderr.startswith(f"pointswitch: cannot start: the embedded PostgreSQL in "
+                                    f"{(tmp_path / 'broken' / 'pg').resolve()} did not start: initdb: error: "), \
+        broken.stderr
+    assert "exists but is not empty" in broken.stderr, broken.stderr
     assert broken.stderr.count("\n") == 1 and "Traceback" not in broken.stderr, broken.stderr
 
 

