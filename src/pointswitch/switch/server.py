@@ -86,13 +86,14 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._touch()
+        had_partial = self.decoder.partial
         try:
             frames = self.decoder.feed(data)
         except FramingError as exc:
             log.warning("framing broken, closing", listener=self.listener.name, peer=self.peer, reason=str(exc))
             self._close()
             return
-        self._arm_frame_deadline()
+        self._arm_frame_deadline(new_frame_started=bool(frames) or not had_partial)
         self.backlog.extend(frames)
         self._dispatch()
 
@@ -190,14 +191,15 @@ class Connection(asyncio.Protocol):
                  idle_timeout_s=self.idle_timeout_s, authenticated=self.authenticated)
         self._close()
 
-    def _arm_frame_deadline(self) -> None:
-        """A frame, once started, must complete within frame_timeout_s (a slow drip
-        of bytes does not extend it)."""
-        if not self.decoder.partial:
+    def _arm_frame_deadline(self, *, new_frame_started: bool) -> None:
+        """A frame must complete within frame_timeout_s of its first byte: a slow drip
+        of bytes does not extend it, and a client that pipelines (its reads ending in
+        the middle of ever new frames) is timed frame by frame, not as one stream."""
+        if not self.decoder.partial or new_frame_started:
             if self._frame_deadline:
                 self._frame_deadline.cancel()
                 self._frame_deadline = None
-        elif self._frame_deadline is None:
+        if self.decoder.partial and self._frame_deadline is None:
             self._frame_deadline = self.loop.call_later(self.limits.frame_timeout_s, self._on_frame_timeout)
 
     def _on_frame_timeout(self) -> None:
