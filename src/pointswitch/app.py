@@ -25,6 +25,7 @@ from .routing.table import Op
 from .switch import FrameHandler, Listener, Switch
 from .switch.forwarder import ReversalForwarder
 from .switch.guard import PeerGuard
+from .switch.health import DatabaseHealth
 from .switch.upstream import Connector
 
 log = structlog.get_logger("pointswitch")
@@ -126,9 +127,11 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         ledger = Ledger(pool, vault, max_pin_tries=sec.max_pin_tries, usage=rules,
                         pin_workers=sec.pin_workers or os.cpu_count() or 1,
                         max_pending_sign_ons=sec.max_pending_sign_ons, pending_keys_ttl_s=sec.pending_keys_ttl_s,
-                        session_cache_size=sec.session_cache_size)
+                        session_cache_size=sec.session_cache_size,
+                        acquire_timeout_s=config.database.command_timeout_s)
         await ledger.start(lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
         guard = PeerGuard(sec, config.limits)
+        health = DatabaseHealth()
         queue = ReversalQueue(ledger)
         forwarder = ReversalForwarder(queue, {})
         connectors = {c.name: Connector(c, on_late=forwarder.on_late) for c in config.connectors}
@@ -143,7 +146,8 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
                 handler=FrameHandler(policies[lc.name], dialect(lc.dialect), router,
-                                     config.limits.request_timeout_s),
+                                     config.limits.request_timeout_s, commit_wait_s=config.limits.commit_wait_s,
+                                     health=health),
             )
             for lc in config.listeners
         ]

@@ -98,7 +98,10 @@ class Limits:
     # ... and this long while it has not yet sent a message whose MAC verified
     unauthenticated_idle_timeout_s: float = 15.0
     frame_timeout_s: float = 30.0  # a started frame must complete within this
-    request_timeout_s: float = 10.0  # processing one request; past it the answer is 96
+    request_timeout_s: float = 10.0  # processing one request; past it the answer is 96 (if nothing committed)
+    # Past the deadline, how long an answer waits for a COMMIT already sent; if the
+    # database never says, the request is not answered (the terminal reverses it).
+    commit_wait_s: float = 10.0
     shutdown_grace_s: float = 15.0  # on SIGTERM, time allowed for requests in flight
     max_undecodable_frames: int = 16  # consecutive frames that cannot be answered at all
 

@@ -20,6 +20,7 @@ import structlog
 
 from ..codecs import FrameDecoder, FramingError, FramingSpec
 from ..config import Limits
+from ..ledger import gate
 from . import metrics
 from .guard import PeerGuard
 from .handler import FrameHandler, peer_address
@@ -51,6 +52,7 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False  # reading paused: the peer does not read its answers
         self.authenticated = False  # a message of this connection carried a MAC that verified
         self.counted = False
+        self.gates: set[gate.WriteGate] = set()  # this connection's requests in progress
         self.undecodable_in_a_row = 0
         self._idle: asyncio.TimerHandle | None = None
         self._frame_deadline: asyncio.TimerHandle | None = None
@@ -98,6 +100,11 @@ class Connection(asyncio.Protocol):
         self._dispatch()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Work for a connection that is gone is given up where it has not begun to
+        # commit (no answer could reach anyone); what is committing finishes, and a
+        # retransmission on another connection gets its stored outcome.
+        for write_gate in self.gates:
+            write_gate.abandon()
         if self.counted:
             self.counted = False
             self.switch.guard.closed(self.peer_address)
@@ -149,8 +156,10 @@ class Connection(asyncio.Protocol):
             self.transport.write(self.listener.framing.frame(payload))
 
     async def _process(self, frame: bytes) -> None:
+        write_gate = gate.WriteGate()
+        self.gates.add(write_gate)
         try:
-            answer = await self.listener.handler.handle(frame, self.peer)
+            answer = await self.listener.handler.handle(frame, self.peer, write_gate)
             if answer.authenticated:
                 self.authenticated = True
             if not answer.answerable:
@@ -165,6 +174,7 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("unexpected failure processing a frame", listener=self.listener.name)
         finally:
+            self.gates.discard(write_gate)
             self.in_flight -= 1
             self.switch.in_flight -= 1
             metrics.REQUESTS_IN_FLIGHT.dec()
