@@ -57,8 +57,13 @@ async def hosts(**bank_options: Any) -> AsyncIterator[tuple[HostSimulator, HostS
 
 @contextlib.asynccontextmanager
 async def upstream_switch(sut: SwitchUnderTest, bank: HostSimulator, insurer: HostSimulator,
-                          *, wait_links: bool = True, **overrides: object) -> AsyncIterator[Running]:
-    async with running_switch(_config(sut, bank, insurer, **overrides), sut.dsn, sut.vault) as running:
+                          *, wait_links: bool = True, bank_only: dict[str, Any] | None = None,
+                          **overrides: object) -> AsyncIterator[Running]:
+    """A switch whose connectors reach ``bank`` and ``insurer``: ``overrides`` apply to
+    both connectors, ``bank_only`` to the bank's alone (TLS, MAC)."""
+    cfg = _config(sut, bank, insurer, **overrides)
+    cfg.connectors[0] = dataclasses.replace(cfg.connectors[0], **(bank_only or {}))
+    async with running_switch(cfg, sut.dsn, sut.vault) as running:
         if wait_links:
             for connector in running.connectors.values():
                 assert await connector.wait_available(5), f"{connector.name} link not up"
@@ -99,7 +104,8 @@ class World:
         rows = await self.fetch(
             "SELECT coalesce(sum(r.amount_fen), 0) AS fen FROM requests r WHERE r.operation = $1"
             " AND r.state = 'approved' AND r.terminal_id = ANY($2::text[]) AND NOT EXISTS ("
-            " SELECT 1 FROM upstream_reversals u WHERE u.request_id = r.request_id AND u.state = 'acknowledged')",
+            " SELECT 1 FROM upstream_reversals u WHERE u.request_id = r.request_id"
+            " AND (u.state = 'acknowledged' OR u.resolved_outcome = 'reversed'))",
             operation, self.net.terminal_ids,
         )
         return int(rows[0]["fen"])
@@ -110,11 +116,11 @@ class World:
             " WHERE r.terminal_id = ANY($1::text[]) ORDER BY reversal_id", self.net.terminal_ids)
 
     async def drained(self, timeout_s: float = 10) -> list[asyncpg.Record]:
-        """Wait until every reversal of this test's terminals is acknowledged."""
+        """Wait until every reversal of this test's terminals is acknowledged (or resolved)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             rows = await self.reversals()
-            if all(r["state"] == "acknowledged" for r in rows):
+            if all(r["state"] in ("acknowledged", "resolved") for r in rows):
                 return rows
             assert asyncio.get_running_loop().time() < deadline, f"reversals not delivered: {[dict(r) for r in rows]}"
             await asyncio.sleep(0.1)
@@ -124,17 +130,28 @@ class World:
             assert (await term.accrue(card, amount_fen)).rc == "00"
 
 
-@pytest.fixture
-async def world(switch: SwitchUnderTest) -> AsyncIterator[World]:
-    net = await make_network(switch, terminals=8, cards=4, earn_rate="100")  # 1 yuan earns 100 points
-    async with hosts() as (bank, insurer):
-        async with upstream_switch(switch, bank, insurer) as running:
+@contextlib.asynccontextmanager
+async def world_of(switch: SwitchUnderTest, *, bank_options: dict[str, Any] | None = None,
+                   bank_only: dict[str, Any] | None = None, terminals: int = 8,
+                   **overrides: object) -> AsyncIterator[World]:
+    """A network, the hosts (the bank with ``bank_options``) and a switch; at the end
+    every reversal is delivered, the invariants hold and points paid out equal the
+    money the hosts hold as credited."""
+    net = await make_network(switch, terminals=terminals, cards=4, earn_rate="100")  # 1 yuan earns 100 points
+    async with hosts(**(bank_options or {})) as (bank, insurer):
+        async with upstream_switch(switch, bank, insurer, bank_only=bank_only, **overrides) as running:
             w = World(switch, bank, insurer, net, running)
             yield w
             await w.drained()
         assert await net.invariants() == []
         assert await w.paid_out_fen() == bank.net_fen(), "points paid out = money the bank holds as credited"
         assert await w.paid_out_fen("insurance") == insurer.net_fen()
+
+
+@pytest.fixture
+async def world(switch: SwitchUnderTest) -> AsyncIterator[World]:
+    async with world_of(switch) as w:
+        yield w
 
 
 async def test_cash_out_approved_credits_the_bank_card_once(world: World):
