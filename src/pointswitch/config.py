@@ -156,8 +156,8 @@ class ConnectorConfig:
             raise ConfigError(f"connector {self.name}: connections and max_in_flight are at least 1")
         if not re.fullmatch(r"[0-9]{1,11}", self.acquirer_id):
             raise ConfigError(f"connector {self.name}: acquirer_id is 1 to 11 digits")
-        if self.write_timeout_s <= 0 or self.send_buffer_bytes < 4096:
-            raise ConfigError(f"connector {self.name}: write_timeout_s > 0 and send_buffer_bytes >= 4096")
+        if self.write_timeout_s <= 0 or self.send_buffer_bytes < 2048:
+            raise ConfigError(f"connector {self.name}: write_timeout_s > 0 and send_buffer_bytes >= 2048")
         tls_files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.tls_server_name)
         if any(tls_files) and not self.tls:
             raise ConfigError(f"connector {self.name}: tls_* settings need tls = true")

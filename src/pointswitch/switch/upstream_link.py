@@ -75,11 +75,19 @@ class Link:
                 echo.cancel()
                 self.writer = None
                 self.connected_since = None
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
+                await self._close(writer)
                 self.connector._link_down(self)
             await asyncio.sleep(cfg.backoff_initial_s * random.uniform(0.8, 1.2))
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close, letting unsent bytes go for at most ``write_timeout_s``: a graceful close
+        waits for them, and a host that does not read would hold the link (and the
+        switch's shutdown) for ever."""
+        writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.connector.cfg.write_timeout_s):
+                await writer.wait_closed()
+        writer.transport.abort()  # nothing left to lose: no-op when closed already
 
     def _bound_buffers(self, writer: asyncio.StreamWriter) -> None:
         """At most ``send_buffer_bytes`` waiting in the kernel and as much again in the
@@ -141,8 +149,8 @@ class Link:
             except UpstreamError as exc:
                 log.warning("upstream echo failed: dropping the link", connector=cfg.name, link=self.index,
                             error=type(exc).__name__)
-                if self.writer is not None:
-                    self.writer.close()
+                if self.writer is not None:  # abort: a close would wait for a host that may not read
+                    self.writer.transport.abort()
                 return
             if reply.get("39") == "00":
                 self.last_echo_ok = time.time()
