@@ -383,38 +383,3 @@ async def test_any_sequence_of_host_behaviours_pays_out_exactly_what_the_bank_cr
         assert paid == bank.net_fen()
         assert await net.balance(card) == 10_000 - paid, "100 points a yuan: 1 point a fen"
         assert await net.invariants() == []
-
-
-async def test_idle_links_are_kept_alive_with_echo_and_dropped_when_echo_goes_unanswered(switch: SwitchUnderTest):
-    async with hosts() as (bank, insurer):
-        async with upstream_switch(switch, bank, insurer, echo_interval_s=0.2, echo_timeout_s=0.3) as running:
-            await asyncio.sleep(1.0)
-            echoes = bank.requests("0800")
-            state = running.connectors["bank"].state()
-            assert echoes and all(e["70"] == "301" for e in echoes), "network management echo, field 70 = 301"
-            assert state["last_echo_ok"] is not None and state["links_up"] == 2
-            bank.answer_echo = False  # the host stops answering: the links are dropped and made again
-            before = len(bank.connections_seen)
-            await asyncio.sleep(1.5)
-            assert len(bank.connections_seen) > before, "links re-established after an unanswered echo"
-
-
-async def test_responses_can_be_matched_by_retrieval_reference(switch: SwitchUnderTest):
-    net = await make_network(switch, terminals=2, cards=2, earn_rate="100")
-    async with hosts() as (bank, insurer):
-        async with upstream_switch(switch, bank, insurer, match_key="37") as running:
-            w = World(switch, bank, insurer, net, running)
-            for card in net.cards:
-                await w.earn(card, 5000)
-
-            async def burst(n: int) -> list[str]:
-                async with w.terminal(n) as term:
-                    replies = await asyncio.gather(*(term.cash_out(net.cards[n], 100 + i, BANK_CARD)
-                                                     for i in range(20)))
-                return [r.rc for r in replies]
-
-            codes = [c for batch in await asyncio.gather(burst(0), burst(1)) for c in batch]
-            await w.drained()
-            assert codes == ["00"] * 40
-            assert await w.paid_out_fen() == bank.net_fen() == sum(2 * (100 + i) for i in range(20))
-    assert await net.invariants() == []

@@ -1,9 +1,11 @@
-"""An answer is its request's only if it echoes 2 (when sent), 4, 11, 37 and 41. One found
-by its key that changes any of them is logged (masked), counted and ignored: the request
-times out and is reversed as usual."""
+"""How answers find their requests: by 11 + 41 or by 37; and an answer is its request's
+only if it echoes 2 (when sent), 4, 11, 37 and 41. One found by its key that changes any
+of them is logged (masked), counted and ignored: the request times out and is reversed
+as usual."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -14,8 +16,8 @@ import pytest
 
 from pointswitch import logs
 
-from .conftest import SwitchUnderTest
-from .test_upstream import BANK_CARD, World, world_of
+from .conftest import SwitchUnderTest, make_network
+from .test_upstream import BANK_CARD, World, hosts, upstream_switch, world_of
 
 
 @contextlib.contextmanager
@@ -62,3 +64,24 @@ async def test_an_answer_that_does_not_echo_its_request_is_not_accepted(switch: 
     assert BANK_CARD not in logged.getvalue(), "no card number in clear in any log line"
     if "2" in fields:
         assert any(e["iso"].get("2", "").startswith("622202") and "*" in e["iso"]["2"] for e in refused)
+
+
+async def test_responses_can_be_matched_by_retrieval_reference(switch: SwitchUnderTest):
+    net = await make_network(switch, terminals=2, cards=2, earn_rate="100")
+    async with hosts() as (bank, insurer):
+        async with upstream_switch(switch, bank, insurer, match_key="37") as running:
+            w = World(switch, bank, insurer, net, running)
+            for card in net.cards:
+                await w.earn(card, 5000)
+
+            async def burst(n: int) -> list[str]:
+                async with w.terminal(n) as term:
+                    replies = await asyncio.gather(*(term.cash_out(net.cards[n], 100 + i, BANK_CARD)
+                                                     for i in range(20)))
+                return [r.rc for r in replies]
+
+            codes = [c for batch in await asyncio.gather(burst(0), burst(1)) for c in batch]
+            await w.drained()
+            assert codes == ["00"] * 40
+            assert await w.paid_out_fen() == bank.net_fen() == sum(2 * (100 + i) for i in range(20))
+    assert await net.invariants() == []

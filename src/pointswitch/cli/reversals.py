@@ -72,12 +72,12 @@ def cmd_reversals(args: argparse.Namespace) -> int:
 def _list_text(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no reversals"
-    lines = [f"{'id':>6}  {'connector':<10} {'reason':<17} {'state':<12} {'tries':>5} {'age':>9}  {'rc':<3}"
+    lines = [f"{'id':>6}  {'connector':<10} {'reason':<17} {'state':<17} {'tries':>5} {'age':>9}  {'rc':<3}"
              f" {'upstream 37':<12} {'terminal':<8} {'trace':>6} {'fen':>8}  last error"]
     for r in rows:
         state = r["state"] + (f":{r['resolved_outcome']}" if r["resolved_outcome"] else "")
         lines.append(
-            f"{r['reversal_id']:>6}  {r['connector']:<10} {r['reason']:<17} {state:<12} {r['attempts']:>5}"
+            f"{r['reversal_id']:>6}  {r['connector']:<10} {r['reason']:<17} {state:<17} {r['attempts']:>5}"
             f" {_age(r['age_s']):>9}  {r['upstream_rc'] or '-':<3} {r['upstream_rrn'] or '-':<12}"
             f" {r['terminal_id']:<8} {r['trace']:>6} {r['amount_fen']:>8}  {r['last_error'] or ''}"
         )

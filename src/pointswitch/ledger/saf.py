@@ -212,7 +212,7 @@ class ReversalQueue:
                 "UPDATE upstream_reversals SET state = 'pending', next_attempt_at = now(), retried_at = now()"
                 " WHERE reversal_id = $1", reversal_id,
             )
-        log.warning("upstream reversal made due again by an operator", reversal_id=reversal_id,
+        log.info("upstream reversal made due again by an operator", reversal_id=reversal_id,
                     connector=row["connector"], was=row["state"])
         return {"reversal_id": reversal_id, "connector": row["connector"], "state": "pending", "was": row["state"]}
 
@@ -233,9 +233,9 @@ class ReversalQueue:
                 "UPDATE upstream_reversals SET state = 'resolved', resolved_outcome = $2, resolved_at = now()"
                 " WHERE reversal_id = $1", reversal_id, outcome,
             )
-        log.warning("upstream reversal resolved by an operator", reversal_id=reversal_id, connector=row["connector"],
-                    reason=row["reason"], outcome=outcome, terminal=row["terminal_id"], trace=row["trace"],
-                    points_back=points)
+        log.info("upstream reversal resolved by an operator", reversal_id=reversal_id, connector=row["connector"],
+                 reason=row["reason"], outcome=outcome, terminal=row["terminal_id"], trace=row["trace"],
+                 points_back=points)
         result: dict[str, Any] = {"reversal_id": reversal_id, "connector": row["connector"], "reason": row["reason"],
                                   "state": "resolved", "outcome": outcome, "points_back": points}
         if outcome == "kept" and row["reason"] in ("timeout", "lost"):
