@@ -40,9 +40,8 @@ class IdentityBlocks:
     async def _draw_block(self) -> None:
         async with self._pool.acquire() as con:
             row = await con.fetchrow(
-                "SELECT nextval($1::regclass) AS start, s.increment_by FROM pg_sequences s"
-                " WHERE s.schemaname = current_schema() AND s.sequencename = $2",
-                _SEQUENCE, _SEQUENCE,
+                "SELECT nextval($1::regclass) AS start, s.seqincrement AS increment_by FROM pg_sequence s"
+                " WHERE s.seqrelid = $1::regclass", _SEQUENCE,
             )
         if row is None:
             raise RuntimeError(f"sequence {_SEQUENCE} is missing: migration 0007 not applied")

@@ -44,6 +44,13 @@ class UpstreamLost(UpstreamError):
     """The request was sent and its link broke before the answer came."""
 
 
+class LegIdentity(NamedTuple):
+    """The trace (11) and retrieval reference (37) of one message sent upstream."""
+
+    stan: str
+    rrn: str
+
+
 class UpstreamPort(Protocol):
     """What routing needs of a connector (``switch.upstream.Connector``)."""
 
@@ -61,13 +68,6 @@ class UpstreamPort(Protocol):
     async def next_stan(self) -> LegIdentity: ...
 
     async def request(self, fields: Fields, *, timeout_s: float | None = None) -> Fields: ...
-
-
-class LegIdentity(NamedTuple):
-    """The trace (11) and retrieval reference (37) of one message sent upstream."""
-
-    stan: str
-    rrn: str
 
 
 # Both come from one number of the database sequence upstream_identity_seq
