@@ -39,8 +39,7 @@ async def test_a_host_that_stops_reading_breaks_the_link_instead_of_stalling_the
         async with upstream_switch(switch, deaf, insurer, connections=1, write_timeout_s=WRITE_TIMEOUT_S,
                                    send_buffer_bytes=2048) as running:
             w = World(switch, deaf, insurer, net, running)
-            for n, card in enumerate(net.cards):
-                await w.earn(card, 10_000, terminal=n)
+            await asyncio.gather(*(w.earn(card, 10_000, terminal=n) for n, card in enumerate(net.cards)))
 
             async def terminal(n: int) -> list[str]:
                 # 8 x 16 requests of ~140 bytes, 18 kB: over three times what the link may
