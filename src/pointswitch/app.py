@@ -18,6 +18,7 @@ from .codecs import dialect, framing
 from .config import Config, ListenerConfig
 from .ledger import Ledger, Operation, UsageRule
 from .ledger.database import EmbeddedServer, create_pool, migrate
+from .ledger.identity import IdentityBlocks
 from .ledger.saf import ReversalQueue
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
 from .routing import ListenerPolicy, Router
@@ -134,7 +135,9 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         health = DatabaseHealth()
         queue = ReversalQueue(ledger)
         forwarder = ReversalForwarder(queue, {})
-        connectors = {c.name: Connector(c, on_late=forwarder.on_late) for c in config.connectors}
+        identities = IdentityBlocks(pool)  # 11 and 37 upstream: unique across processes and restarts
+        connectors = {c.name: Connector(c, on_late=forwarder.on_late, identities=identities.next)
+                      for c in config.connectors}
         forwarder.connectors = dict(connectors)
         carried = {Op.POINTS_TO_CARD: config.cash_out.connector, Op.INSURANCE: config.insurance.connector}
         router = Router(ledger, {op: connectors[name] for op, name in carried.items() if name in connectors},
