@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
@@ -180,3 +182,55 @@ async def test_a_commit_whose_outcome_never_comes_is_not_answered_and_the_revers
     assert reversal.rc == "00"
     assert await network.balance(card) == 0, "posted or not, the reversal leaves nothing, exactly once"
     assert await network.invariants() == []
+
+
+def _postgres_pids(sut: SwitchUnderTest) -> list[int]:
+    """The test server's postmaster and every process it started."""
+    postmaster = int((sut.data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == postmaster:
+                children.append(int(entry))
+    return [postmaster, *children]
+
+
+@contextlib.contextmanager
+def postgres_stopped(sut: SwitchUnderTest) -> Iterator[None]:
+    """SIGSTOP every PostgreSQL process (a hung database), SIGCONT at the end whatever happens."""
+    pids = _postgres_pids(sut)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+async def test_the_deadline_is_kept_while_the_database_hangs_and_nothing_posts_later(switch, network):
+    """The defect: with PostgreSQL stopped, answers came at twice the request timeout
+    (the cancelled transaction's rollback waited for the database)."""
+    card = network.cards[0]
+    async with (guarded_switch(switch, request_timeout_s=1.0) as running,
+                on(running, network.terminal(0), "cup") as term):
+        assert (await term.echo()).rc == "00"
+        requests = [term.request("accrue", card, 1000 * (i + 1)) for i in range(4)]
+        with postgres_stopped(switch):
+            started = time.monotonic()
+            replies = await asyncio.gather(*(term.send(r) for r in requests))
+            waited_s = time.monotonic() - started
+            await asyncio.sleep(max(0.0, 3.0 - waited_s))  # the database stays hung a while longer
+        await asyncio.sleep(1.0)
+        after = await network.balance(card)
+        again = await term.send(requests[0])
+    assert [r.rc for r in replies] == ["96"] * 4
+    assert waited_s < 2.5, f"answered after {waited_s:.1f} s with a 1 s deadline"
+    assert after == 0, "a 96 means nothing was posted, also once the database resumes"
+    assert again.rc == "00" and await network.balance(card) == 10
