@@ -263,6 +263,9 @@ class Switch:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 log.warning("requests abandoned at shutdown", count=len(pending))
+                for conn in self.connections:  # what has not begun to commit never will
+                    for write_gate in conn.gates:
+                        write_gate.abandon()
                 for t in pending:
                     t.cancel()
                 break
