@@ -457,17 +457,22 @@ async def _connections(net: Network, n: int) -> list[TerminalClient]:
     return terms
 
 
-async def test_parallel_wrong_pins_cannot_get_more_tries_than_the_limit(network):
-    card = network.cards[0]
-    async with network.terminal(0) as term:
+async def _redeem_in_parallel(net: Network, card: str, pins: list[str | None]) -> list[str]:
+    """One redemption per PIN, all at once, on connections of one terminal; their codes."""
+    async with net.terminal(0) as term:
         assert (await term.accrue(card, 100_000)).rc == "00"
-    terms = await _connections(network, 12)
+    terms = await _connections(net, len(pins))
     try:
-        replies = await asyncio.gather(*(t.redeem(card, 100, pin=f"{i:06d}") for i, t in enumerate(terms, 1)))
+        replies = await asyncio.gather(*(t.redeem(card, 100, pin=pin) for t, pin in zip(terms, pins, strict=True)))
     finally:
         for t in terms:
             await t.close()
-    rcs = sorted(r.rc for r in replies)
+    return [r.rc for r in replies]
+
+
+async def test_parallel_wrong_pins_cannot_get_more_tries_than_the_limit(network):
+    card = network.cards[0]
+    rcs = await _redeem_in_parallel(network, card, [f"{i:06d}" for i in range(1, 13)])
     failures, pending, locked, _ = await _pin_state(network, card)
     assert rcs.count("55") <= 2 and rcs.count("00") == 0, rcs
     assert (failures, pending, locked) == (3, 0, True), "exactly max_pin_tries were tried, then locked"
@@ -475,15 +480,7 @@ async def test_parallel_wrong_pins_cannot_get_more_tries_than_the_limit(network)
 
 async def test_parallel_right_pins_all_pass(network):
     card = network.cards[0]
-    async with network.terminal(0) as term:
-        assert (await term.accrue(card, 100_000)).rc == "00"
-    terms = await _connections(network, 10)
-    try:
-        replies = await asyncio.gather(*(t.redeem(card, 100) for t in terms))
-    finally:
-        for t in terms:
-            await t.close()
-    assert [r.rc for r in replies] == ["00"] * 10
+    assert await _redeem_in_parallel(network, card, [None] * 10) == ["00"] * 10
     assert (await _pin_state(network, card))[:3] == (0, 0, False)
 
 

@@ -57,8 +57,13 @@ async def hosts(**bank_options: Any) -> AsyncIterator[tuple[HostSimulator, HostS
 
 @contextlib.asynccontextmanager
 async def upstream_switch(sut: SwitchUnderTest, bank: HostSimulator, insurer: HostSimulator,
-                          *, wait_links: bool = True, **overrides: object) -> AsyncIterator[Running]:
-    async with running_switch(_config(sut, bank, insurer, **overrides), sut.dsn, sut.vault) as running:
+                          *, wait_links: bool = True, bank_only: dict[str, Any] | None = None,
+                          **overrides: object) -> AsyncIterator[Running]:
+    """A switch whose connectors reach ``bank`` and ``insurer``: ``overrides`` apply to
+    both connectors, ``bank_only`` to the bank's alone (TLS, MAC)."""
+    cfg = _config(sut, bank, insurer, **overrides)
+    cfg.connectors[0] = dataclasses.replace(cfg.connectors[0], **(bank_only or {}))
+    async with running_switch(cfg, sut.dsn, sut.vault) as running:
         if wait_links:
             for connector in running.connectors.values():
                 assert await connector.wait_available(5), f"{connector.name} link not up"
@@ -99,7 +104,8 @@ class World:
         rows = await self.fetch(
             "SELECT coalesce(sum(r.amount_fen), 0) AS fen FROM requests r WHERE r.operation = $1"
             " AND r.state = 'approved' AND r.terminal_id = ANY($2::text[]) AND NOT EXISTS ("
-            " SELECT 1 FROM upstream_reversals u WHERE u.request_id = r.request_id AND u.state = 'acknowledged')",
+            " SELECT 1 FROM upstream_reversals u WHERE u.request_id = r.request_id"
+            " AND (u.state = 'acknowledged' OR u.resolved_outcome = 'reversed'))",
             operation, self.net.terminal_ids,
         )
         return int(rows[0]["fen"])
@@ -110,11 +116,11 @@ class World:
             " WHERE r.terminal_id = ANY($1::text[]) ORDER BY reversal_id", self.net.terminal_ids)
 
     async def drained(self, timeout_s: float = 10) -> list[asyncpg.Record]:
-        """Wait until every reversal of this test's terminals is acknowledged."""
+        """Wait until every reversal of this test's terminals is acknowledged (or resolved)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
             rows = await self.reversals()
-            if all(r["state"] == "acknowledged" for r in rows):
+            if all(r["state"] in ("acknowledged", "resolved") for r in rows):
                 return rows
             assert asyncio.get_running_loop().time() < deadline, f"reversals not delivered: {[dict(r) for r in rows]}"
             await asyncio.sleep(0.1)
@@ -124,17 +130,28 @@ class World:
             assert (await term.accrue(card, amount_fen)).rc == "00"
 
 
-@pytest.fixture
-async def world(switch: SwitchUnderTest) -> AsyncIterator[World]:
-    net = await make_network(switch, terminals=8, cards=4, earn_rate="100")  # 1 yuan earns 100 points
-    async with hosts() as (bank, insurer):
-        async with upstream_switch(switch, bank, insurer) as running:
+@contextlib.asynccontextmanager
+async def world_of(switch: SwitchUnderTest, *, bank_options: dict[str, Any] | None = None,
+                   bank_only: dict[str, Any] | None = None, terminals: int = 8,
+                   **overrides: object) -> AsyncIterator[World]:
+    """A network, the hosts (the bank with ``bank_options``) and a switch; at the end
+    every reversal is delivered, the invariants hold and points paid out equal the
+    money the hosts hold as credited."""
+    net = await make_network(switch, terminals=terminals, cards=4, earn_rate="100")  # 1 yuan earns 100 points
+    async with hosts(**(bank_options or {})) as (bank, insurer):
+        async with upstream_switch(switch, bank, insurer, bank_only=bank_only, **overrides) as running:
             w = World(switch, bank, insurer, net, running)
             yield w
             await w.drained()
         assert await net.invariants() == []
         assert await w.paid_out_fen() == bank.net_fen(), "points paid out = money the bank holds as credited"
         assert await w.paid_out_fen("insurance") == insurer.net_fen()
+
+
+@pytest.fixture
+async def world(switch: SwitchUnderTest) -> AsyncIterator[World]:
+    async with world_of(switch) as w:
+        yield w
 
 
 async def test_cash_out_approved_credits_the_bank_card_once(world: World):
@@ -366,38 +383,3 @@ async def test_any_sequence_of_host_behaviours_pays_out_exactly_what_the_bank_cr
         assert paid == bank.net_fen()
         assert await net.balance(card) == 10_000 - paid, "100 points a yuan: 1 point a fen"
         assert await net.invariants() == []
-
-
-async def test_idle_links_are_kept_alive_with_echo_and_dropped_when_echo_goes_unanswered(switch: SwitchUnderTest):
-    async with hosts() as (bank, insurer):
-        async with upstream_switch(switch, bank, insurer, echo_interval_s=0.2, echo_timeout_s=0.3) as running:
-            await asyncio.sleep(1.0)
-            echoes = bank.requests("0800")
-            state = running.connectors["bank"].state()
-            assert echoes and all(e["70"] == "301" for e in echoes), "network management echo, field 70 = 301"
-            assert state["last_echo_ok"] is not None and state["links_up"] == 2
-            bank.answer_echo = False  # the host stops answering: the links are dropped and made again
-            before = len(bank.connections_seen)
-            await asyncio.sleep(1.5)
-            assert len(bank.connections_seen) > before, "links re-established after an unanswered echo"
-
-
-async def test_responses_can_be_matched_by_retrieval_reference(switch: SwitchUnderTest):
-    net = await make_network(switch, terminals=2, cards=2, earn_rate="100")
-    async with hosts() as (bank, insurer):
-        async with upstream_switch(switch, bank, insurer, match_key="37") as running:
-            w = World(switch, bank, insurer, net, running)
-            for card in net.cards:
-                await w.earn(card, 5000)
-
-            async def burst(n: int) -> list[str]:
-                async with w.terminal(n) as term:
-                    replies = await asyncio.gather(*(term.cash_out(net.cards[n], 100 + i, BANK_CARD)
-                                                     for i in range(20)))
-                return [r.rc for r in replies]
-
-            codes = [c for batch in await asyncio.gather(burst(0), burst(1)) for c in batch]
-            await w.drained()
-            assert codes == ["00"] * 40
-            assert await w.paid_out_fen() == bank.net_fen() == sum(2 * (100 + i) for i in range(20))
-    assert await net.invariants() == []

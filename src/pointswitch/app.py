@@ -26,6 +26,7 @@ from .ledger.database import (
     dsn_target,
     migrate,
 )
+from .ledger.identity import IdentityBlocks
 from .ledger.saf import ReversalQueue
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
 from .routing import ListenerPolicy, Router
@@ -33,6 +34,7 @@ from .routing.table import Op
 from .switch import FrameHandler, Listener, Switch
 from .switch.forwarder import ReversalForwarder
 from .switch.guard import PeerGuard
+from .switch.health import DatabaseHealth
 from .switch.upstream import Connector
 
 log = structlog.get_logger("pointswitch")
@@ -138,12 +140,16 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         ledger = Ledger(pool, vault, max_pin_tries=sec.max_pin_tries, usage=rules,
                         pin_workers=sec.pin_workers or os.cpu_count() or 1,
                         max_pending_sign_ons=sec.max_pending_sign_ons, pending_keys_ttl_s=sec.pending_keys_ttl_s,
-                        session_cache_size=sec.session_cache_size)
+                        session_cache_size=sec.session_cache_size,
+                        acquire_timeout_s=config.database.command_timeout_s)
         await ledger.start(lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
         guard = PeerGuard(sec, config.limits)
+        health = DatabaseHealth()
         queue = ReversalQueue(ledger)
         forwarder = ReversalForwarder(queue, {})
-        connectors = {c.name: Connector(c, on_late=forwarder.on_late) for c in config.connectors}
+        identities = IdentityBlocks(pool)  # 11 and 37 upstream: unique across processes and restarts
+        connectors = {c.name: Connector(c, on_late=forwarder.on_late, identities=identities.next)
+                      for c in config.connectors}
         forwarder.connectors = dict(connectors)
         carried = {Op.POINTS_TO_CARD: config.cash_out.connector, Op.INSURANCE: config.insurance.connector}
         router = Router(ledger, {op: connectors[name] for op, name in carried.items() if name in connectors},
@@ -155,7 +161,8 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
                 handler=FrameHandler(policies[lc.name], dialect(lc.dialect), router,
-                                     config.limits.request_timeout_s),
+                                     config.limits.request_timeout_s, commit_wait_s=config.limits.commit_wait_s,
+                                     health=health),
             )
             for lc in config.listeners
         ]

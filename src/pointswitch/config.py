@@ -98,7 +98,10 @@ class Limits:
     # ... and this long while it has not yet sent a message whose MAC verified
     unauthenticated_idle_timeout_s: float = 15.0
     frame_timeout_s: float = 30.0  # a started frame must complete within this
-    request_timeout_s: float = 10.0  # processing one request; past it the answer is 96
+    request_timeout_s: float = 10.0  # processing one request; past it the answer is 96 (if nothing committed)
+    # Past the deadline, how long an answer waits for a COMMIT already sent; if the
+    # database never says, the request is not answered (the terminal reverses it).
+    commit_wait_s: float = 10.0
     shutdown_grace_s: float = 15.0  # on SIGTERM, time allowed for requests in flight
     max_undecodable_frames: int = 16  # consecutive frames that cannot be answered at all
 
@@ -167,6 +170,16 @@ class ConnectorConfig:
     reversal_retry_max_s: float = 60.0
     reversal_max_age_s: float = 86400.0  # a reversal not acknowledged by then is expired for the operator
     max_frame_bytes: int = 4096
+    # A write not taken by the link within this is a broken link: the request is
+    # treated as sent (reversed) when any of its bytes may have left.
+    write_timeout_s: float = 2.0
+    send_buffer_bytes: int = 65536  # bytes a link may hold unsent (socket and switch buffers, each)
+    tls: bool = False  # TLS on the connections, checking the host's certificate
+    tls_ca_file: str = ""  # CAs that sign the host's certificate (PEM); empty: the system's
+    tls_cert_file: str = ""  # this switch's client certificate (PEM), for hosts that ask for one
+    tls_key_file: str = ""  # its private key (PEM)
+    tls_server_name: str = ""  # the name the host's certificate must carry; empty: ``host``
+    mac_key_file: str = ""  # X9.19 MAC key (32 hex digits): 0200/0400/0420 signed, answers checked
 
     def validate(self) -> None:
         if self.dialect not in ("iso87", "cup"):
@@ -181,6 +194,15 @@ class ConnectorConfig:
             raise ConfigError(f"connector {self.name}: connections and max_in_flight are at least 1")
         if not re.fullmatch(r"[0-9]{1,11}", self.acquirer_id):
             raise ConfigError(f"connector {self.name}: acquirer_id is 1 to 11 digits")
+        if self.write_timeout_s <= 0 or self.send_buffer_bytes < 2048:
+            raise ConfigError(f"connector {self.name}: write_timeout_s > 0 and send_buffer_bytes >= 2048")
+        tls_files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.tls_server_name)
+        if any(tls_files) and not self.tls:
+            raise ConfigError(f"connector {self.name}: tls_* settings need tls = true")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError(f"connector {self.name}: tls_cert_file and tls_key_file go together")
+        if self.mac_key_file and self.dialect != "iso87":
+            raise ConfigError(f"connector {self.name}: mac_key_file needs dialect iso87")
 
 
 @dataclass

@@ -32,9 +32,23 @@ def cmd_sim_host(args: argparse.Namespace) -> int:
         rules.append(Rule(action="decline", rc="61", amount_over=args.decline_amount_over))
     if args.delay:
         rules.append(Rule(action="approve", delay_s=args.delay))
+    mac_key = None
+    if args.mac_key_file:
+        from ..config import ConfigError
+        from ..switch.upstream_wire import read_mac_key
+
+        try:
+            mac_key = read_mac_key(args.mac_key_file, f"sim {args.kind}")
+        except ConfigError as exc:
+            sys.exit(f"pointswitch: {exc}")
+    if len(args.reversal_rc) != 2 or not args.reversal_rc.isalnum():
+        sys.exit("pointswitch: --reversal-rc is a two-character response code, like 00 or 96")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        sys.exit("pointswitch: --tls-cert and --tls-key go together (and --tls-client-ca needs them)")
     host = HostSimulator(args.kind, args.host, args.port, args.framing, rules,
                          Path(args.ledger) if args.ledger else None, answer_reversals=not args.no_reversal_ack,
-                         drop_every=args.drop_every)
+                         drop_every=args.drop_every, reversal_rc=args.reversal_rc, mac_key=mac_key,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -197,6 +211,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         sh.add_argument("--delay", type=float, default=0.0, help="answer every request this many seconds late")
         sh.add_argument("--drop-every", type=int, default=0, help="never answer every Nth request")
         sh.add_argument("--no-reversal-ack", action="store_true", help="receive reversals but never acknowledge")
+        sh.add_argument("--reversal-rc", default="00",
+                        help="answer reversals with this code; other than 00 = refused, nothing undone")
+        sh.add_argument("--tls-cert", help="serve TLS with this certificate (PEM) ...")
+        sh.add_argument("--tls-key", help="... and its private key (PEM)")
+        sh.add_argument("--tls-client-ca", help="require a client certificate signed by this CA (PEM)")
+        sh.add_argument("--mac-key-file", help="X9.19 MAC key (32 hex digits): requests checked, answers signed")
         sh.add_argument("--ledger", help="append what is credited / collected and reversed to this JSON-lines file")
         sh.set_defaults(func=cmd_sim_host, kind=kind)
 

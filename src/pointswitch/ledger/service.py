@@ -21,6 +21,7 @@ reaches SQL. The context row carries it on (``ctx["card_index"]``).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -31,6 +32,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from . import gate
 from .model import (
     UPSTREAM_OPERATIONS,
     Command,
@@ -148,9 +150,11 @@ def _auth_code() -> str:
 class Ledger:
     def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pin_tries: int = 3,
                  usage: dict[Operation, UsageRule] | None = None, pin_workers: int = 2,
-                 max_pending_sign_ons: int = 4, pending_keys_ttl_s: float = 300.0, session_cache_size: int = 10_000):
+                 max_pending_sign_ons: int = 4, pending_keys_ttl_s: float = 300.0, session_cache_size: int = 10_000,
+                 acquire_timeout_s: float = 10.0):
         self._pool = pool
         self._vault = vault
+        self.acquire_timeout_s = acquire_timeout_s  # waiting for a pooled connection
         self.max_pin_tries = max_pin_tries
         self.usage = usage or {}
         self._pins = PinCheck(pool, vault.data_key("pvk"), max_pin_tries, pin_workers)
@@ -203,6 +207,10 @@ class Ledger:
             return await self._terminals.drop(cmd)
         finally:
             self.sessions.forget(cmd.terminal_id)
+
+    def _transaction(self) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection]:
+        """A transaction of the current request, under its write gate (ledger.gate)."""
+        return gate.transaction(self._pool, acquire_timeout_s=self.acquire_timeout_s)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -299,7 +307,7 @@ class Ledger:
     async def _inquire(self, cmd: Inquire) -> Outcome:
         card_index = self._vault.card_index(cmd.card_number)
         pin_refusal = await self._pins.check(cmd.card_number, card_index, cmd.pin) if cmd.pin_required else None
-        async with self._pool.acquire() as con, con.transaction():
+        async with self._transaction() as con:
             ctx = await self._context(con, cmd, card_index)
             if isinstance(ctx, Outcome):
                 return ctx
@@ -327,7 +335,7 @@ class Ledger:
                 return stored
             cmd = replace(cmd, pin_refusal=await self._pins.check(cmd.card_number, card_index, cmd.pin))
         try:
-            async with self._pool.acquire() as con, con.transaction():
+            async with self._transaction() as con:
                 ctx = await self._context(con, cmd, card_index)
                 if isinstance(ctx, Outcome):
                     return ctx
@@ -500,7 +508,7 @@ class Ledger:
         """Post (approved) or release (anything else) the hold of a pending request.
         A request sent upstream and left unanswered also gets its reversal queued,
         in the same transaction that gives the points back."""
-        async with self._pool.acquire() as con, con.transaction():
+        async with self._transaction() as con:
             row = await con.fetchrow(
                 "SELECT r.*, m.redeem_value_fen_per_point AS redeem_value FROM requests r"
                 " JOIN merchants m USING (merchant_id) WHERE r.request_key = $1 FOR UPDATE OF r", str(cmd.key),
@@ -566,7 +574,7 @@ class Ledger:
 
     # -- reversal ------------------------------------------------------------
     async def _reverse(self, cmd: Reverse) -> Outcome:
-        async with self._pool.acquire() as con, con.transaction():
+        async with self._transaction() as con:
             ctx = await self._context(con, cmd, self._vault.card_index(cmd.card_number))
             if isinstance(ctx, Outcome):
                 return ctx

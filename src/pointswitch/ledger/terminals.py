@@ -14,12 +14,15 @@ terminal and key generation, so a sealed key copied elsewhere does not open.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 import asyncpg
 import structlog
 
 from ..codecs import crypto
+from . import gate
 from .model import (
     DropSession,
     KeyExchange,
@@ -64,11 +67,13 @@ ORDER BY generation DESC
 
 
 class TerminalKeys:
-    def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pending: int = 4, pending_ttl_s: float = 300.0):
+    def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pending: int = 4, pending_ttl_s: float = 300.0,
+                 acquire_timeout_s: float = 10.0):
         self._pool = pool
         self._vault = vault
         self.max_pending = max_pending
         self.pending_ttl_s = pending_ttl_s
+        self.acquire_timeout_s = acquire_timeout_s
 
     # -- reading -----------------------------------------------------------------
     async def load(self, terminal_id: str) -> TerminalAuth | None:
@@ -108,7 +113,7 @@ class TerminalKeys:
     # -- sign-on -----------------------------------------------------------------
     async def sign_on(self, cmd: SignOn) -> Outcome:
         """Issue fresh working keys, sealed at rest, wrapped under the TMK for the terminal."""
-        async with self._pool.acquire() as con, con.transaction():
+        async with gate.transaction(self._pool, acquire_timeout_s=self.acquire_timeout_s) as con:
             row = await con.fetchrow(
                 "SELECT tmk_sealed, keys_issued, current_batch, double_mak FROM terminals"
                 " WHERE terminal_id = $1 FOR UPDATE", cmd.terminal_id,
@@ -177,10 +182,17 @@ class TerminalKeys:
         await con.execute("DELETE FROM terminal_pending_keys WHERE terminal_id = $1 AND generation <= $2",
                           terminal_id, generation)
 
+    @contextlib.asynccontextmanager
+    async def _session_transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """Promoting or withdrawing keys is not the request's own write: it is neither
+        refused nor counted by the request's write gate (its answer does not depend on it)."""
+        async with self._pool.acquire(timeout=self.acquire_timeout_s) as con, con.transaction():
+            yield con
+
     async def promote(self, cmd: PromoteKeys) -> Outcome:
         """Pending keys a message verified under become the keys in use. A set that is
         gone meanwhile (promoted by another process, or past its time) is not revived."""
-        async with self._pool.acquire() as con, con.transaction():
+        async with self._session_transaction() as con:
             row = await con.fetchrow(
                 "DELETE FROM terminal_pending_keys WHERE terminal_id = $1 AND generation = $2"
                 " RETURNING key_scheme, pik_sealed, mak_sealed, tdk_sealed", cmd.terminal_id, cmd.generation,
@@ -196,7 +208,7 @@ class TerminalKeys:
         return Outcome(Status.APPROVED, host_time=_now())
 
     async def drop(self, cmd: DropSession) -> Outcome:
-        async with self._pool.acquire() as con, con.transaction():
+        async with self._session_transaction() as con:
             await con.execute(
                 "UPDATE terminals SET signed_off_at = now(), session_state = 'signed_off',"
                 " pik_sealed = NULL, mak_sealed = NULL, tdk_sealed = NULL WHERE terminal_id = $1",

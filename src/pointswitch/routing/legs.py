@@ -4,14 +4,15 @@ A points-to-card request becomes a credit to the bank card at the ``bank``
 host; a premium payment becomes a payment at the ``insurer`` host. Both are
 iso87 0200 requests with a fresh trace (11) and retrieval reference (37); the
 reversal that may follow is built at the same time, kept sealed with the
-request, and sent as 0400 (first try) then 0420 (repeats) until acknowledged.
+request, and sent as 0400 (first try) then 0420 (repeats) until the host
+approves it (39 in ``REVERSAL_ACKNOWLEDGED``).
 docs/upstream.md describes both sides for a host's implementers.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..codecs import Fields
 
@@ -19,6 +20,12 @@ from ..codecs import Fields
 PROC_CARD_CREDIT = "260000"  # credit to the cardholder's account (cash-out of points)
 PROC_PREMIUM_PAYMENT = "500000"  # payment (insurance premium)
 CURRENCY_CNY = "156"
+
+# A reversal is acknowledged only by these codes in the host's 0410 / 0430:
+# 00 = undone (or remembered, when the original never arrived), 25 = original
+# not found, nothing to undo. Any other code (12, 91, 96, ...) means the host
+# may still hold the credit: the reversal is repeated.
+REVERSAL_ACKNOWLEDGED = frozenset({"00", "25"})
 
 
 class UpstreamError(Exception):
@@ -37,6 +44,13 @@ class UpstreamLost(UpstreamError):
     """The request was sent and its link broke before the answer came."""
 
 
+class LegIdentity(NamedTuple):
+    """The trace (11) and retrieval reference (37) of one message sent upstream."""
+
+    stan: str
+    rrn: str
+
+
 class UpstreamPort(Protocol):
     """What routing needs of a connector (``switch.upstream.Connector``)."""
 
@@ -51,9 +65,27 @@ class UpstreamPort(Protocol):
     @property
     def acquirer_id(self) -> str: ...
 
-    def next_stan(self) -> str: ...
+    async def next_stan(self) -> LegIdentity: ...
 
     async def request(self, fields: Fields, *, timeout_s: float | None = None) -> Fields: ...
+
+
+# Both come from one number of the database sequence upstream_identity_seq
+# (ledger.identity), never drawn twice by any process, before or after a restart.
+# 37 is that number in 12 digits: two messages share a 37 only if they share the
+# number, so 37 is unique for the sequence's whole range (10^12 messages, which
+# the sequence refuses to pass rather than wrap: 31 years at 1 000 a second).
+# The customary year-day-hour + trace form is not used: with a 6-digit trace it
+# repeats as soon as more than 999 999 messages fall in one hour, across every
+# process, which nothing could rule out. 11 is the number modulo 999 999, plus 1:
+# it repeats only after 999 999 further messages, long after its answer.
+_RRN_MAX = 10**12
+
+
+def leg_identity(number: int) -> LegIdentity:
+    if not 0 <= number < _RRN_MAX:
+        raise ValueError(f"identity {number} is outside 0..{_RRN_MAX - 1}")
+    return LegIdentity(f"{number % 999_999 + 1:06d}", f"{number:012d}")
 
 
 def transmission_time(now: datetime | None = None) -> str:
@@ -61,15 +93,11 @@ def transmission_time(now: datetime | None = None) -> str:
     return (now or datetime.now(UTC)).strftime("%m%d%H%M%S")
 
 
-def retrieval_reference(now: datetime, stan: str) -> str:
-    """Field 37 the usual way: last digit of the year, day of the year, hour, trace (12)."""
-    return f"{now:%y}"[-1] + f"{now.timetuple().tm_yday:03d}{now:%H}" + stan
-
-
-def second_leg(*, insurance: bool, counterparty: str, amount_fen: int, stan: str, terminal: str, merchant: str,
-               acquirer_id: str, now: datetime | None = None) -> Fields:
+def second_leg(*, insurance: bool, counterparty: str, amount_fen: int, identity: LegIdentity, terminal: str,
+               merchant: str, acquirer_id: str, now: datetime | None = None) -> Fields:
     """The 0200 for the host: bank card credit (field 2 = bank card) or premium
-    payment (field 48 = policy number)."""
+    payment (field 48 = policy number); 11 and 37 from ``identity`` (the connector's
+    ``next_stan``)."""
     now = now or datetime.now(UTC)
     local = now.astimezone()
     fields: Fields = {
@@ -77,11 +105,11 @@ def second_leg(*, insurance: bool, counterparty: str, amount_fen: int, stan: str
         "3": PROC_PREMIUM_PAYMENT if insurance else PROC_CARD_CREDIT,
         "4": f"{amount_fen:012d}",
         "7": transmission_time(now),
-        "11": stan,
+        "11": identity.stan,
         "12": local.strftime("%H%M%S"),
         "13": local.strftime("%m%d"),
         "32": acquirer_id,
-        "37": retrieval_reference(now, stan),
+        "37": identity.rrn,
         "41": terminal.ljust(8),
         "42": merchant.ljust(15),
         "49": CURRENCY_CNY,

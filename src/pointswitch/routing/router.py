@@ -230,8 +230,8 @@ class Router:
             log.warning("upstream host unavailable", connector=connector.name, terminal=command.terminal_id)
             return Outcome(Status.UPSTREAM_UNAVAILABLE, host_time=_now())
         leg = legs.second_leg(insurance=insurance, counterparty=command.counterparty, amount_fen=command.amount_fen,
-                              stan=connector.next_stan(), terminal=command.terminal_id, merchant=command.merchant_id,
-                              acquirer_id=connector.acquirer_id)
+                              identity=await connector.next_stan(), terminal=command.terminal_id,
+                              merchant=command.merchant_id, acquirer_id=connector.acquirer_id)
         reversal = json.dumps(legs.reversal_of(leg)).encode()
         # Past this, a request still pending is timed out by the forwarder's sweep
         # (for instance when this process stopped while the leg was out).

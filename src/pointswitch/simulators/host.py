@@ -1,11 +1,19 @@
 """Upstream host simulators: a bank that credits cards, an insurer that collects premiums.
 
-Both speak iso87 over TCP, like the hosts pointswitch connects to. Rules decide
-what happens to each 0200: approve (the default), decline with a code, delay,
-or drop (never answer). Reversals (0400 / 0420) are acknowledged (0410 / 0430)
-and undo the credit they name by retrieval reference (37), exactly once; a
-reversal for a request never seen is remembered, so that a late original with
-that reference is declined. Echo (0800, 70 = 301) is answered.
+Both speak iso87 over TCP (or TLS, with ``tls_cert`` and ``tls_key``), like the
+hosts pointswitch connects to. Rules decide what happens to each 0200: approve
+(the default), decline with a code, delay, or drop (never answer). Reversals
+(0400 / 0420) are approved (0410 / 0430, 39 = 00) and undo the credit they name
+by retrieval reference (37), exactly once; a reversal for a request never
+credited is answered 25 and remembered, so that a late original with that
+reference is declined. With ``reversal_rc`` set to another code, reversals are
+refused with it and undo nothing. Echo (0800, 70 = 301) is answered.
+
+With ``mac_key`` requests (0200 / 0400 / 0420) must carry a valid X9.19 MAC
+(else they are answered A0 and change nothing) and answers are signed.
+``corrupt_field`` makes every answer to them differ from its request in that
+field (2, 4, 11, 37, 41; 64: a wrong MAC), and ``reading = False`` makes a host
+that accepts connections and never reads from them.
 
 The simulator keeps a ledger of what it credited or collected; tests read it
 (``net_fen``, ``entries``) and operators can have it appended to a JSON-lines
@@ -18,6 +26,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,8 +36,9 @@ from typing import Any
 
 import structlog
 
-from ..codecs import DecodeFailure, Fields, FrameDecoder, FramingError, dialect, framing
+from ..codecs import DecodeFailure, Fields, FrameDecoder, FramingError, Message, dialect, framing
 from ..logs import mask_pan
+from ..switch.upstream_wire import SIGNED_REQUESTS, Signer
 
 log = structlog.get_logger("pointswitch.sim.host")
 
@@ -89,6 +100,14 @@ class HostSimulator:
     answer_reversals: bool = True  # False: reversals are received but never acknowledged
     drop_every: int = 0  # never answer every Nth financial request (0: none)
     answer_echo: bool = True  # False: echo requests go unanswered (a hung host)
+    reversal_rc: str = "00"  # another code: reversals are refused with it and undo nothing
+    corrupt_field: str | None = None  # answers to 0200/0400/0420 differ from the request here ("64": bad MAC)
+    reading: bool = True  # False (set before start): connections are accepted and never read
+    mac_key: bytes | None = field(default=None, repr=False)  # X9.19: requests checked, answers signed
+    tls_cert: str | None = None  # PEM files: serve TLS with this certificate and key ...
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # ... and require a client certificate signed by this CA
+    mac_failures: int = 0  # requests whose MAC was missing or wrong
     connections_seen: list[str] = field(default_factory=list)  # peer of every connection accepted
     entries: dict[str, Entry] = field(default_factory=dict)  # by retrieval reference
     received: list[Fields] = field(default_factory=list)  # every request, in arrival order
@@ -99,7 +118,12 @@ class HostSimulator:
 
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> HostSimulator:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if not self.reading:  # a small window: a client's writes stall after a few kilobytes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        sock.bind((self.host, self.port))
+        self._server = await asyncio.start_server(self._serve, sock=sock, ssl=self._tls())
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("host simulator listening", kind=self.kind, port=self.port)
         return self
@@ -120,6 +144,16 @@ class HostSimulator:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        if self.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.tls_client_ca)
+        return context
+
     # -- what it holds -----------------------------------------------------------
     def net_fen(self) -> int:
         """Money credited (or premiums collected) and not reversed."""
@@ -136,15 +170,17 @@ class HostSimulator:
         decoder = FrameDecoder(spec, 8192)
         codec = dialect("iso87")
         tasks: set[asyncio.Task[None]] = set()
+        if not self.reading and isinstance(writer.transport, asyncio.ReadTransport):
+            writer.transport.pause_reading()  # nothing read: not even into the stream's own buffer
         try:
             while data := await reader.read(65536):
                 for frame in decoder.feed(data):
                     try:
-                        fields = codec.decode(frame).fields
+                        message = codec.decode(frame)
                     except DecodeFailure as exc:
                         log.warning("host simulator: undecodable frame", reason=str(exc))
                         continue
-                    task = asyncio.create_task(self._answer(fields, writer, spec))
+                    task = asyncio.create_task(self._answer(message, frame, writer, spec))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
         except (OSError, FramingError):
@@ -153,11 +189,18 @@ class HostSimulator:
             self._writers.discard(writer)
             writer.close()
 
-    async def _answer(self, fields: Fields, writer: asyncio.StreamWriter, spec: Any) -> None:
+    async def _answer(self, message: Message, frame: bytes, writer: asyncio.StreamWriter, spec: Any) -> None:
+        fields = message.fields
         self.received.append(fields)
         mti = fields.get("t", "")
+        signer = Signer(self.mac_key, dialect("iso87")) if self.mac_key else None
         reply: Fields | None
-        if mti == "0200":
+        if mti in SIGNED_REQUESTS and signer is not None and not signer.verify(message, frame):
+            self.mac_failures += 1
+            log.warning("host simulator: MAC missing or wrong", kind=self.kind, mti=mti, trace=fields.get("11"))
+            reply = {**{k: fields[k] for k in _ECHOED if k in fields and k != "48"},
+                     "t": "0410" if mti == "0400" else "0430" if mti == "0420" else "0210", "39": "A0"}
+        elif mti == "0200":
             reply = await self._financial(fields)
         elif mti in ("0400", "0420"):
             if not self.answer_reversals:
@@ -172,10 +215,22 @@ class HostSimulator:
         if reply is None or writer.is_closing():
             return
         try:
-            writer.write(spec.frame(dialect("iso87").encode(reply)))
+            writer.write(spec.frame(self._encode(reply, signer)))
             await writer.drain()
         except OSError:
             pass
+
+    def _encode(self, reply: Fields, signer: Signer | None) -> bytes:
+        answers_request = reply["t"] in ("0210", "0410", "0430")
+        corrupt = self.corrupt_field if answers_request else None
+        if corrupt and corrupt in reply:
+            reply = {**reply, corrupt: _other(reply[corrupt])}
+        if signer is None or not answers_request:
+            return dialect("iso87").encode(reply)
+        encoded = signer.encode(reply)
+        if corrupt == "64":  # flip the last hex digit of the MAC
+            encoded = encoded[:-1] + (b"0" if encoded[-1:] != b"0" else b"1")
+        return encoded
 
     async def _financial(self, fields: Fields) -> Fields | None:
         rule = next((r for r in self.rules if r.matches(fields)), None)
@@ -216,13 +271,17 @@ class HostSimulator:
     def _reversal(self, fields: Fields) -> Fields:
         rrn = fields.get("37", "")
         entry = self.entries.get(rrn)
-        if entry is None:
+        rc = self.reversal_rc
+        if rc != "00":
+            log.info("host simulator: reversal refused", kind=self.kind, rrn=rrn, rc=rc)
+        elif entry is None:
             self._reversed_unseen.add(rrn)
+            rc = "25"  # original not found: nothing to undo (and a late original will be declined)
         elif not entry.reversed:
             entry.reversed = True
             self._append(entry, "reversal")
         reply: Fields = {k: fields[k] for k in _ECHOED if k in fields and k != "48"}
-        reply.update({"t": "0410" if fields["t"] == "0400" else "0430", "39": "00"})
+        reply.update({"t": "0410" if fields["t"] == "0400" else "0430", "39": rc})
         return reply
 
     def _append(self, entry: Entry, what: str) -> None:
@@ -232,3 +291,10 @@ class HostSimulator:
             with open(self.ledger_file, "a", encoding="utf-8") as f:
                 account = mask_pan(entry.account) if self.kind == "bank" else entry.account
                 f.write(json.dumps({"what": what, **entry.__dict__, "account": account}) + "\n")
+
+
+def _other(value: str) -> str:
+    """``value`` with its last character changed (a digit stays a digit)."""
+    last = value[-1:] or "0"
+    changed = str((int(last) + 1) % 10) if last.isdigit() else ("A" if last != "A" else "B")
+    return value[:-1] + changed

@@ -2,7 +2,9 @@
 
 Reversals wait in PostgreSQL (``ledger.saf``). This worker claims the due ones
 of each connector whose host is reachable, sends each (0400 first, then 0420
-repeats), and records the acknowledgement or schedules the next try. It also
+repeats), and records the acknowledgement (an answer whose 39 is in
+``REVERSAL_ACKNOWLEDGED``: 00 or 25) or schedules the next try (no answer, or
+any other code: the host may still hold the credit). It also
 times out requests left pending past their deadline (a process that stopped
 with a leg out), and publishes each connector's state for operators.
 """
@@ -19,7 +21,7 @@ import structlog
 
 from ..codecs import Fields
 from ..ledger.saf import DueReversal, ReversalQueue
-from ..routing.legs import UpstreamError, repeat_of
+from ..routing.legs import REVERSAL_ACKNOWLEDGED, UpstreamError, repeat_of
 from .upstream import Connector
 
 log = structlog.get_logger("pointswitch.forwarder")
@@ -89,16 +91,22 @@ class ReversalForwarder:
     async def _send(self, connector: Connector, due: DueReversal) -> None:
         fields = repeat_of(json.loads(due.message), due.attempts)
         cfg = connector.cfg
+        rc = ""
         try:
             reply = await connector.request(fields)
         except UpstreamError as exc:
-            log.warning("upstream reversal not acknowledged; will retry", connector=connector.name,
-                        reversal_id=due.reversal_id, attempt=due.attempts, error=type(exc).__name__)
-            await self.queue.retry_later(due.reversal_id, f"{type(exc).__name__}: {exc}",
-                                         first_s=cfg.reversal_retry_s, max_s=cfg.reversal_retry_max_s,
-                                         max_age_s=cfg.reversal_max_age_s)
-            return
-        await self.queue.acknowledged(due.reversal_id, reply.get("39", ""))
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            rc = reply.get("39", "")
+            if rc in REVERSAL_ACKNOWLEDGED:
+                await self.queue.acknowledged(due.reversal_id, rc)
+                return
+            error = f"refused by the host: 39 = {rc or 'absent'}"
+        log.warning("upstream reversal not acknowledged; will retry", connector=connector.name,
+                    reversal_id=due.reversal_id, attempt=due.attempts, error=error, rc=rc or None)
+        await self.queue.retry_later(due.reversal_id, error, upstream_rc=rc or None,
+                                     first_s=cfg.reversal_retry_s, max_s=cfg.reversal_retry_max_s,
+                                     max_age_s=cfg.reversal_max_age_s)
 
     async def _publish(self) -> None:
         await self.queue.publish({name: c.state() for name, c in self.connectors.items()})

@@ -14,8 +14,11 @@ import structlog
 
 from .. import logs
 from ..codecs import DecodeFailure, Dialect, EncodeFailure
+from ..ledger import gate
 from ..logs import mask_pan, masked_fields
 from ..routing import ListenerPolicy, Origin, Response, Router, codes, error_response
+from . import metrics
+from .health import DATABASE_ERRORS, DatabaseHealth
 
 log = structlog.get_logger("pointswitch.switch")
 
@@ -27,18 +30,28 @@ class Answer:
     authenticated: bool = False  # the request's MAC verified
 
 
+def _retrieve(work: asyncio.Future[Response | None]) -> None:
+    """A request given up at its deadline ends on its own: take its exception so that
+    asyncio does not report it as never retrieved."""
+    if not work.cancelled():
+        work.exception()
+
+
 def peer_address(peer: str) -> str:
     """The address part of "address:port"."""
     return peer.rpartition(":")[0] if ":" in peer else peer
 
 
 class FrameHandler:
-    def __init__(self, policy: ListenerPolicy, dialect: Dialect, router: Router, request_timeout_s: float):
+    def __init__(self, policy: ListenerPolicy, dialect: Dialect, router: Router, request_timeout_s: float, *,
+                 commit_wait_s: float = 10.0, health: DatabaseHealth | None = None):
         self.policy = policy
         self.listener = policy.name
         self.dialect = dialect
         self.router = router
         self.request_timeout_s = request_timeout_s
+        self.commit_wait_s = commit_wait_s
+        self.health = health or DatabaseHealth()
 
     def overloaded(self, frame: bytes, peer: str = "") -> Answer:
         """The answer when too many requests are in progress: 96 at once, nothing routed."""
@@ -53,8 +66,11 @@ class FrameHandler:
             return Answer(None, answerable=False)
         return Answer(self._encode(response, message.envelope))
 
-    async def handle(self, frame: bytes, peer: str = "") -> Answer:
+    async def handle(self, frame: bytes, peer: str = "", write_gate: gate.WriteGate | None = None) -> Answer:
+        """``write_gate``: the connection's hold on this request (it abandons it when it
+        closes); a fresh one when not given."""
         started = time.perf_counter()
+        write_gate = write_gate or gate.WriteGate()
         try:
             message = self.dialect.decode(frame)
         except DecodeFailure as failure:
@@ -67,21 +83,59 @@ class FrameHandler:
         fields = message.fields
         if logs.debug_enabled:
             log.debug("request", listener=self.listener, peer=peer, iso=masked_fields(fields))
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                response = await self.router.handle(message, Origin(self.policy, peer_address(peer)))
-        except TimeoutError:
-            response = error_response(fields, codes.SYSTEM_MALFUNCTION)
-            log.error("request timed out", listener=self.listener, timeout_s=self.request_timeout_s)
-        except Exception:
-            log.exception("request failed", listener=self.listener, mti=fields.get("t"))
-            response = error_response(fields, codes.SYSTEM_MALFUNCTION)
-        self._log(fields, response, started, peer, op=response.op if response else "")
+        with gate.gated(write_gate):
+            work = asyncio.ensure_future(self.router.handle(message, Origin(self.policy, peer_address(peer))))
+        work.add_done_callback(_retrieve)
+        response, unknown = await self._outcome(work, write_gate, fields)
+        self._log(fields, response, started, peer, op=response.op if response else "", outcome_unknown=unknown or None)
         if response is not None and logs.debug_enabled:
             log.debug("response", listener=self.listener, peer=peer, iso=masked_fields(response.fields))
         if response is None:
-            return Answer(None, answerable=False)
+            return Answer(None, answerable=unknown)
         return Answer(self._encode(response, message.envelope), authenticated=response.authenticated)
+
+    async def _outcome(self, work: asyncio.Future[Response | None], write_gate: gate.WriteGate,
+                       fields: dict[str, str]) -> tuple[Response | None, bool]:
+        """The response, and whether the outcome is unknown (then there is none).
+
+        An answer never lies: past the deadline, a request that cannot write any more
+        (nothing began, or its open transaction is cut off before COMMIT) gets 96; one
+        whose COMMIT is under way is waited for, up to commit_wait_s, and answered
+        with what happened; if the database never says, it is not answered at all."""
+        done, _ = await asyncio.wait({work}, timeout=self.request_timeout_s)
+        if not done:
+            if write_gate.abandon():
+                work.cancel()
+                log.error("request timed out before it could commit: answered 96", listener=self.listener,
+                          timeout_s=self.request_timeout_s)
+                return error_response(fields, codes.SYSTEM_MALFUNCTION), False
+            log.warning("request past its deadline while committing: waiting for the outcome",
+                        listener=self.listener, commit_wait_s=self.commit_wait_s)
+            done, _ = await asyncio.wait({work}, timeout=self.commit_wait_s)
+            if not done:
+                write_gate.sever()
+                work.cancel()
+                metrics.UNANSWERED.labels("commit_timeout").inc()
+                log.error("commit outcome unknown: not answered (the terminal's reversal settles it)",
+                          listener=self.listener, mti=fields.get("t"), trace=fields.get("11"))
+                return None, True
+        try:
+            response = work.result()
+        except gate.Abandoned:
+            return None, True  # its connection closed before it could write
+        except Exception as exc:
+            if write_gate.settled:
+                metrics.UNANSWERED.labels("failure_after_commit").inc()
+                log.error("request failed after something of it committed: not answered (the terminal's"
+                          " reversal settles it)", listener=self.listener, error=type(exc).__name__)
+                return None, True
+            if isinstance(exc, DATABASE_ERRORS):
+                self.health.failed(exc)
+            else:
+                log.exception("request failed", listener=self.listener, mti=fields.get("t"))
+            return error_response(fields, codes.SYSTEM_MALFUNCTION), False
+        self.health.ok()
+        return response, False
 
     def _encode(self, response: Response, envelope: object) -> bytes | None:
         reply = getattr(envelope, "reply", None)
@@ -101,7 +155,7 @@ class FrameHandler:
              **extra: object) -> None:
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
         rc = response.fields.get("39") if response else None
-        event = "transaction" if rc in ("00", None) else "transaction declined"
+        event = "transaction" if rc == "00" else "transaction declined" if rc else "frame not answered"
         log.info(
             event,
             listener=self.listener,

@@ -21,3 +21,9 @@ OVERLOADED = Counter("pointswitch_requests_overloaded_total",
                      "Requests answered 96 at once because max_requests_in_flight were in progress")
 CONNECTIONS_OPEN = Gauge("pointswitch_connections_open", "Terminal connections open")
 REQUESTS_IN_FLIGHT = Gauge("pointswitch_requests_in_flight", "Requests being processed")
+DATABASE_FAILURES = Counter("pointswitch_database_failures_total",
+                            "Requests that failed because the database was unavailable")
+DATABASE_UP = Gauge("pointswitch_database_up", "1 while requests reach the database, 0 during an outage")
+DATABASE_UP.set(1)
+UNANSWERED = Counter("pointswitch_requests_unanswered_total",
+                     "Requests not answered because the outcome of their commit is unknown", ["reason"])

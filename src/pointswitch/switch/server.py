@@ -20,6 +20,7 @@ import structlog
 
 from ..codecs import FrameDecoder, FramingError, FramingSpec
 from ..config import Limits
+from ..ledger import gate
 from . import metrics
 from .guard import PeerGuard
 from .handler import FrameHandler, peer_address
@@ -51,6 +52,7 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False  # reading paused: the peer does not read its answers
         self.authenticated = False  # a message of this connection carried a MAC that verified
         self.counted = False
+        self.gates: set[gate.WriteGate] = set()  # this connection's requests in progress
         self.undecodable_in_a_row = 0
         self._idle: asyncio.TimerHandle | None = None
         self._frame_deadline: asyncio.TimerHandle | None = None
@@ -86,17 +88,23 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._touch()
+        had_partial = self.decoder.partial
         try:
             frames = self.decoder.feed(data)
         except FramingError as exc:
             log.warning("framing broken, closing", listener=self.listener.name, peer=self.peer, reason=str(exc))
             self._close()
             return
-        self._arm_frame_deadline()
+        self._arm_frame_deadline(new_frame_started=bool(frames) or not had_partial)
         self.backlog.extend(frames)
         self._dispatch()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Work for a connection that is gone is given up where it has not begun to
+        # commit (no answer could reach anyone); what is committing finishes, and a
+        # retransmission on another connection gets its stored outcome.
+        for write_gate in self.gates:
+            write_gate.abandon()
         if self.counted:
             self.counted = False
             self.switch.guard.closed(self.peer_address)
@@ -148,8 +156,10 @@ class Connection(asyncio.Protocol):
             self.transport.write(self.listener.framing.frame(payload))
 
     async def _process(self, frame: bytes) -> None:
+        write_gate = gate.WriteGate()
+        self.gates.add(write_gate)
         try:
-            answer = await self.listener.handler.handle(frame, self.peer)
+            answer = await self.listener.handler.handle(frame, self.peer, write_gate)
             if answer.authenticated:
                 self.authenticated = True
             if not answer.answerable:
@@ -164,6 +174,7 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("unexpected failure processing a frame", listener=self.listener.name)
         finally:
+            self.gates.discard(write_gate)
             self.in_flight -= 1
             self.switch.in_flight -= 1
             metrics.REQUESTS_IN_FLIGHT.dec()
@@ -190,14 +201,15 @@ class Connection(asyncio.Protocol):
                  idle_timeout_s=self.idle_timeout_s, authenticated=self.authenticated)
         self._close()
 
-    def _arm_frame_deadline(self) -> None:
-        """A frame, once started, must complete within frame_timeout_s (a slow drip
-        of bytes does not extend it)."""
-        if not self.decoder.partial:
+    def _arm_frame_deadline(self, *, new_frame_started: bool) -> None:
+        """A frame must complete within frame_timeout_s of its first byte: a slow drip
+        of bytes does not extend it, and a client that pipelines (its reads ending in
+        the middle of ever new frames) is timed frame by frame, not as one stream."""
+        if not self.decoder.partial or new_frame_started:
             if self._frame_deadline:
                 self._frame_deadline.cancel()
                 self._frame_deadline = None
-        elif self._frame_deadline is None:
+        if self.decoder.partial and self._frame_deadline is None:
             self._frame_deadline = self.loop.call_later(self.limits.frame_timeout_s, self._on_frame_timeout)
 
     def _on_frame_timeout(self) -> None:
@@ -251,6 +263,9 @@ class Switch:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 log.warning("requests abandoned at shutdown", count=len(pending))
+                for conn in self.connections:  # what has not begun to commit never will
+                    for write_gate in conn.gates:
+                        write_gate.abandon()
                 for t in pending:
                     t.cancel()
                 break

@@ -1,20 +1,27 @@
 """Upstream connectors: persistent ISO 8583 client connections to other institutions' hosts.
 
-A :class:`Connector` keeps ``connections`` TCP links open to one host, shares
-them among all requests, and matches each response to its request by a key
-(default response MTI + field 11 + field 41; or response MTI + field 37), so
-many requests can be outstanding on one link. Idle links are kept alive with
-network-management echo (0800, field 70 = 301); an unanswered echo or a
-broken stream drops the link, which is re-established with exponential
-backoff. A response that arrives after its request gave up matches nothing:
-it is logged and handed to ``on_late`` (the forwarder answers a late approval
-with the reversal it already holds).
+A :class:`Connector` keeps ``connections`` links (TCP, or TLS when configured)
+open to one host, shares them among all requests, and finds each response's
+request by a key (default response MTI + field 11 + field 41; or response MTI
++ field 37), so many requests can be outstanding on one link. A response found
+by its key is accepted only when it also echoes the request's 2 (when sent), 4,
+11, 37 and 41 and, with a MAC key, carries a valid MAC; otherwise it is logged
+as mismatched and the request keeps waiting (and times out as usual). Idle
+links are kept alive with network-management echo (0800, field 70 = 301); an
+unanswered echo, a stalled write or a broken stream drops the link, which is
+re-established with exponential backoff (``upstream_link``). A response that
+arrives after its request gave up matches nothing: it is logged and handed to
+``on_late`` (the forwarder answers a late approval with the reversal it holds).
+
+The trace (11) and retrieval reference (37) of each request come from
+``identities``, a source of numbers unique across processes and restarts
+(``ledger.identity``, injected by the application): this module has no SQL.
 
 Outcomes of :meth:`Connector.request`:
-- a response's fields;
-- :class:`UpstreamUnavailable`: not sent (no link up, or too many in flight);
-- :class:`UpstreamTimeout`: sent, no answer within the deadline;
-- :class:`UpstreamLost`: sent, and the link broke before the answer came.
+- the response's fields;
+- :class:`UpstreamUnavailable`: not sent (no link up, too many in flight, no turn to write);
+- :class:`UpstreamTimeout`: sent, no acceptable answer within the deadline;
+- :class:`UpstreamLost`: sent, or possibly sent, and the link broke before the answer came.
 """
 
 from __future__ import annotations
@@ -23,129 +30,64 @@ import asyncio
 import contextlib
 import itertools
 import random
-import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from ..codecs import DecodeFailure, EncodeFailure, Fields, FrameDecoder, FramingError, dialect, framing
+from ..codecs import DecodeFailure, EncodeFailure, Fields, Message, dialect, framing
 from ..config import ConnectorConfig
 from ..logs import masked_fields
-from ..routing.legs import UpstreamError, UpstreamLost, UpstreamTimeout, UpstreamUnavailable, transmission_time
+from ..routing.legs import (
+    LegIdentity,
+    UpstreamError,
+    UpstreamLost,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    leg_identity,
+    transmission_time,
+)
 from ..routing.table import response_mti
+from .upstream_link import Link
+from .upstream_wire import SIGNED_REQUESTS, Signer, echo_mismatches, read_mac_key, tls_context, tls_server_name
 
 __all__ = ["Connector", "UpstreamError", "UpstreamLost", "UpstreamTimeout", "UpstreamUnavailable"]
 
 log = structlog.get_logger("pointswitch.upstream")
 
 
-class _Link:
-    """One persistent connection of a connector."""
-
-    def __init__(self, connector: Connector, index: int):
-        self.connector = connector
-        self.index = index
-        self.writer: asyncio.StreamWriter | None = None
-        self.pending: set[tuple[str, ...]] = set()
-        self.last_received = 0.0
-        self.last_echo_ok: float | None = None
-        self.connected_since: float | None = None
-        self._write_lock = asyncio.Lock()
-
-    @property
-    def up(self) -> bool:
-        return self.writer is not None and not self.writer.is_closing()
-
-    async def run(self) -> None:
-        cfg = self.connector.cfg
-        delay = cfg.backoff_initial_s
-        while True:
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(cfg.host, cfg.port), cfg.connect_timeout_s
-                )
-            except (OSError, TimeoutError) as exc:
-                self.connector._note_failure(self.index, f"connect: {exc or type(exc).__name__}")
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, cfg.backoff_max_s)
-                continue
-            delay = cfg.backoff_initial_s
-            self.writer, self.connected_since, self.last_received = writer, time.time(), time.monotonic()
-            log.info("upstream link up", connector=cfg.name, link=self.index, host=cfg.host, port=cfg.port)
-            self.connector._became_up()
-            echo = asyncio.create_task(self._keepalive())
-            try:
-                await self._read(reader)
-            except (OSError, FramingError, asyncio.IncompleteReadError) as exc:
-                log.warning("upstream link broken", connector=cfg.name, link=self.index, error=str(exc))
-            finally:
-                echo.cancel()
-                self.writer = None
-                self.connected_since = None
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await writer.wait_closed()
-                self.connector._link_down(self)
-            await asyncio.sleep(cfg.backoff_initial_s * random.uniform(0.8, 1.2))
-
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        cfg = self.connector.cfg
-        decoder = FrameDecoder(self.connector.framing, cfg.max_frame_bytes)
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                raise OSError("closed by the host")
-            self.last_received = time.monotonic()
-            for frame in decoder.feed(data):
-                await self.connector._received(self, frame)
-
-    async def write(self, payload: bytes) -> None:
-        writer = self.writer
-        if writer is None or writer.is_closing():
-            raise UpstreamUnavailable("link down")
-        async with self._write_lock:
-            writer.write(self.connector.framing.frame(payload))
-            await writer.drain()
-
-    async def _keepalive(self) -> None:
-        cfg = self.connector.cfg
-        while True:
-            idle = time.monotonic() - self.last_received
-            if idle < cfg.echo_interval_s:
-                await asyncio.sleep(cfg.echo_interval_s - idle)
-                continue
-            try:
-                reply = await self.connector.request(self.connector.echo_message(), link=self,
-                                                     timeout_s=cfg.echo_timeout_s)
-            except UpstreamError as exc:
-                log.warning("upstream echo failed: dropping the link", connector=cfg.name, link=self.index,
-                            error=type(exc).__name__)
-                if self.writer is not None:
-                    self.writer.close()
-                return
-            if reply.get("39") == "00":
-                self.last_echo_ok = time.time()
-            self.last_received = time.monotonic()
+@dataclass
+class _Waiting:
+    future: asyncio.Future[Fields]
+    link: Link
+    request: Fields
 
 
 class Connector:
     """Persistent, shared, multiplexed connections to one upstream host."""
 
     def __init__(self, cfg: ConnectorConfig,
-                 on_late: Callable[[Connector, Fields], Awaitable[None]] | None = None):
+                 on_late: Callable[[Connector, Fields], Awaitable[None]] | None = None, *,
+                 identities: Callable[[], Awaitable[int]]):
         self.cfg = cfg
         self.name = cfg.name
         self.dialect = dialect(cfg.dialect)
         self.framing = framing(cfg.framing)
         self.on_late = on_late
-        self._links = [_Link(self, i) for i in range(cfg.connections)]
+        self.tls = tls_context(cfg)
+        self.tls_server_name = tls_server_name(cfg)
+        self._signer = Signer(read_mac_key(cfg.mac_key_file, f"connector {cfg.name}"), self.dialect) \
+            if cfg.mac_key_file else None
+        self._identities = identities
+        self._links = [Link(self, i) for i in range(cfg.connections)]
         self._tasks: list[asyncio.Task[None]] = []
-        self._waiting: dict[tuple[str, ...], tuple[asyncio.Future[Fields], _Link]] = {}
-        self._stan = itertools.count(random.randrange(1, 999_999))
+        self._waiting: dict[tuple[str, ...], _Waiting] = {}
+        # Echoes only: an 0810 is found by 0810 + 11 on this connector's own links.
+        self._echo_stan = itertools.count(random.randrange(1, 999_999))
         self._last_error = ""
-        self.sent = self.answered = self.timeouts = self.late = 0
+        self.sent = self.answered = self.timeouts = self.late = self.mismatched = self.write_timeouts = 0
         self.became_available = asyncio.Event()
 
     # -- life cycle --------------------------------------------------------
@@ -183,10 +125,12 @@ class Connector:
     def state(self) -> dict[str, Any]:
         echoes = [link.last_echo_ok for link in self._links if link.last_echo_ok]
         return {
-            "name": self.name, "host": self.cfg.host, "port": self.cfg.port,
+            "name": self.name, "host": self.cfg.host, "port": self.cfg.port, "tls": self.cfg.tls,
+            "mac": self._signer is not None,
             "links_up": sum(link.up for link in self._links), "links": len(self._links),
             "in_flight": len(self._waiting), "sent": self.sent, "answered": self.answered,
-            "timeouts": self.timeouts, "late": self.late,
+            "timeouts": self.timeouts, "late": self.late, "mismatched": self.mismatched,
+            "write_timeouts": self.write_timeouts,
             "last_echo_ok": datetime.fromtimestamp(max(echoes), UTC).isoformat(timespec="seconds") if echoes else None,
             "last_error": self._last_error,
         }
@@ -196,18 +140,24 @@ class Connector:
             log.warning("upstream connect failed", connector=self.name, link=index, error=error)
         self._last_error = error
 
-    def _link_down(self, link: _Link) -> None:
-        for key in [k for k, (_, owner) in self._waiting.items() if owner is link]:
-            fut, _ = self._waiting.pop(key)
-            if not fut.done():
-                fut.set_exception(UpstreamLost("link broke before the answer came"))
+    def _link_down(self, link: Link) -> None:
+        for key in [k for k, w in self._waiting.items() if w.link is link]:
+            waiting = self._waiting.pop(key)
+            if not waiting.future.done():
+                waiting.future.set_exception(UpstreamLost("link broke before the answer came"))
+
+    def _became_up(self) -> None:
+        self.became_available.set()
 
     # -- messages ----------------------------------------------------------------
-    def next_stan(self) -> str:
-        return f"{next(self._stan) % 999_999 + 1:06d}"
+    async def next_stan(self) -> LegIdentity:
+        """Trace (11) and retrieval reference (37) for a new request: never used before
+        by any process on this database (see ``routing.legs.leg_identity``)."""
+        return leg_identity(await self._identities())
 
     def echo_message(self) -> Fields:
-        return {"t": "0800", "7": transmission_time(), "11": self.next_stan(), "70": "301"}
+        return {"t": "0800", "7": transmission_time(), "11": f"{next(self._echo_stan) % 999_999 + 1:06d}",
+                "70": "301"}
 
     def match_key(self, mti: str, fields: Fields) -> tuple[str, ...]:
         if mti.startswith("08"):  # network management carries no 41 or 37
@@ -216,8 +166,14 @@ class Connector:
             return (mti, fields.get("37", "").strip())
         return (mti, fields.get("11", ""), fields.get("41", "").strip())
 
-    async def request(self, fields: Fields, *, timeout_s: float | None = None, link: _Link | None = None) -> Fields:
-        """Send one request and wait for its own response."""
+    def _encode(self, fields: Fields) -> bytes:
+        if self._signer is not None and fields["t"] in SIGNED_REQUESTS:
+            return self._signer.encode(fields)
+        return self.dialect.encode(fields)
+
+    async def request(self, fields: Fields, *, timeout_s: float | None = None, link: Link | None = None) -> Fields:
+        """Send one request and wait for its own response, ``timeout_s`` (default
+        ``response_timeout_s``) in all, the write included."""
         if len(self._waiting) >= self.cfg.max_in_flight:
             raise UpstreamUnavailable("too many requests in flight")
         if link is None:
@@ -232,21 +188,23 @@ class Connector:
         if key in self._waiting:
             raise UpstreamUnavailable(f"a request with key {key[1:]} is already outstanding")
         try:
-            payload = self.dialect.encode(fields)
+            payload = self._encode(fields)
         except EncodeFailure as exc:
             raise UpstreamUnavailable(f"cannot encode: {exc}") from None
+        total_s = timeout_s or self.cfg.response_timeout_s
+        deadline = asyncio.get_running_loop().time() + total_s
         fut: asyncio.Future[Fields] = asyncio.get_running_loop().create_future()
-        self._waiting[key] = (fut, link)
+        self._waiting[key] = _Waiting(fut, link, fields)
         link.pending.add(key)
         try:
-            await link.write(payload)
+            await link.write(payload, timeout_s=total_s)
             self.sent += 1
             try:
-                async with asyncio.timeout(timeout_s or self.cfg.response_timeout_s):
+                async with asyncio.timeout_at(deadline):
                     reply = await fut
             except TimeoutError:
                 self.timeouts += 1
-                raise UpstreamTimeout(f"no answer in {timeout_s or self.cfg.response_timeout_s} s") from None
+                raise UpstreamTimeout(f"no answer in {total_s} s") from None
             self.answered += 1
             return reply
         except (OSError, RuntimeError) as exc:
@@ -254,13 +212,16 @@ class Connector:
         finally:
             self._waiting.pop(key, None)
             link.pending.discard(key)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # a link that broke while this was being written failed it too: seen
 
-    async def _received(self, link: _Link, frame: bytes) -> None:
+    async def _received(self, link: Link, frame: bytes) -> None:
         try:
-            fields = self.dialect.decode(frame).fields
+            message = self.dialect.decode(frame)
         except DecodeFailure as exc:
             log.warning("undecodable frame from upstream", connector=self.name, reason=str(exc))
             return
+        fields = message.fields
         mti = fields.get("t", "")
         if mti in ("0800", "0820"):  # the host's own echo / sign-on: answer it (0810 / 0830)
             reply: Fields = {k: fields[k] for k in ("7", "11", "70") if k in fields}
@@ -269,8 +230,14 @@ class Connector:
                 await link.write(self.dialect.encode(reply))
             return
         waiting = self._waiting.get(self.match_key(mti, fields))
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_result(fields)
+        if waiting is not None and not waiting.future.done():
+            problem = self._not_its_answer(waiting.request, message, frame)
+            if problem is None:
+                waiting.future.set_result(fields)
+                return
+            self.mismatched += 1
+            log.warning("upstream response does not answer its request: ignored", connector=self.name,
+                        mti=mti, problem=problem, iso=masked_fields(fields))
             return
         self.late += 1
         log.warning("upstream response matches no outstanding request (late or unknown)",
@@ -281,5 +248,14 @@ class Connector:
             except Exception:
                 log.exception("handling a late upstream response failed", connector=self.name)
 
-    def _became_up(self) -> None:
-        self.became_available.set()
+    def _not_its_answer(self, request: Fields, message: Message, frame: bytes) -> str | None:
+        """Why a response found by its key is not ``request``'s answer, or None when it is.
+        Network management (echo) is matched by its key alone."""
+        if request["t"].startswith("08"):
+            return None
+        differ = echo_mismatches(request, message.fields)
+        if differ:
+            return "does not echo field " + ", ".join(differ)
+        if self._signer is not None and request["t"] in SIGNED_REQUESTS and not self._signer.verify(message, frame):
+            return "MAC missing or wrong"
+        return None
