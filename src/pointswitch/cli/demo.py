@@ -13,7 +13,7 @@ from . import common
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..app import install_uvloop, resolve_dsn, running_switch
+    from ..app import install_uvloop, running_switch
     from ..config import ConnectorConfig, ListenerConfig, UsageConfig
     from ..ledger import admin
     from ..simulators.host import HostSimulator, Rule
@@ -38,7 +38,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      ListenerConfig("iso87", 0, "iso87", "ascii4", host="127.0.0.1")]
     logs.configure(args.log_level or "error")  # the scenario prints what happens; --log-level shows more
     print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
-    dsn, embedded = resolve_dsn(cfg)
+    dsn, embedded = common.resolve_dsn(cfg)
     vault = common.vault(cfg, True)  # the demo's own master key, generated into its data folder
     install_uvloop()
 

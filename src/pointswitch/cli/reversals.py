@@ -26,7 +26,7 @@ STATES = ("pending", "expired", "acknowledged", "resolved")
 def _with_queue(args: argparse.Namespace, fn: Callable[[Any], Awaitable[Any]]) -> Any:
     """Run ``fn(queue)`` against the configured database (migrated), like ``common.with_db``
     but with a pool: the queue's ledger moves points in transactions of its own."""
-    from ..app import database, resolve_dsn
+    from ..app import database
     from ..ledger import Ledger
     from ..ledger.saf import ReversalError, ReversalQueue
     from ..ledger.vault import VaultError
@@ -35,7 +35,7 @@ def _with_queue(args: argparse.Namespace, fn: Callable[[Any], Awaitable[Any]]) -
     logs.configure("warning")
     if cfg.database.dsn:
         common.vault(cfg, False)
-    dsn, embedded = resolve_dsn(cfg)
+    dsn, embedded = common.resolve_dsn(cfg)
     vault = common.vault(cfg, embedded is not None)
 
     async def run() -> Any:

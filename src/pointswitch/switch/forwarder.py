@@ -22,6 +22,7 @@ import structlog
 from ..codecs import Fields
 from ..ledger.saf import DueReversal, ReversalQueue
 from ..routing.legs import REVERSAL_ACKNOWLEDGED, UpstreamError, repeat_of
+from .health import DATABASE_ERRORS
 from .upstream import Connector
 
 log = structlog.get_logger("pointswitch.forwarder")
@@ -34,6 +35,7 @@ class ReversalForwarder:
         self.connectors = dict(connectors)
         self.poll_s, self.sweep_s, self.batch, self.status_s = poll_s, sweep_s, batch, status_s
         self._wake = asyncio.Event()
+        self._database_down = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -76,11 +78,18 @@ class ReversalForwarder:
                         due = await self.queue.claim(connector.name, limit=self.batch,
                                                      lease_s=connector.cfg.response_timeout_s + 5)
                         sends += [self._send(connector, d) for d in due]
+                if self._database_down:
+                    self._database_down = False
+                    log.warning("store-and-forward resumed: the database is back")
                 if sends:
                     await asyncio.gather(*sends)
                     continue  # there may be more
             except asyncio.CancelledError:
                 raise
+            except DATABASE_ERRORS as exc:  # one line per outage, not one per pass
+                if not self._database_down:
+                    self._database_down = True
+                    log.warning("store-and-forward paused: the database is unavailable", error=type(exc).__name__)
             except Exception:
                 log.exception("store-and-forward pass failed; retrying")
             self._wake.clear()
