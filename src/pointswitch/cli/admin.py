@@ -125,8 +125,9 @@ def _connectors_text(rows: list[dict[str, Any]]) -> str:
             f"  last echo {st['last_echo_ok'] or '-'}  reversals pending {rev.get('pending', 0)}"
             f" expired {rev.get('expired', 0)}  (as of {r['updated_at']})"
         )
-        if st.get("last_error"):
-            lines.append(f"{'':<10} last error: {st['last_error']}")
+        if st.get("last_error") and st["links_up"] < st["links"]:  # news only while a link is down
+            at = f" at {st['last_error_at']}" if st.get("last_error_at") else ""
+            lines.append(f"{'':<10} last error{at}: {st['last_error']}")
     return "\n".join(lines)
 
 

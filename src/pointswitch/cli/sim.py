@@ -15,10 +15,19 @@ from .. import logs
 from . import common
 
 
-def _state_path(terminal: str) -> Path:
+def _state_dir() -> Path:
     import platformdirs
 
-    return Path(platformdirs.user_state_dir("pointswitch")) / "sim-terminals" / f"{terminal}.json"
+    return Path(platformdirs.user_state_dir("pointswitch"))
+
+
+def _state_path(terminal: str) -> Path:
+    return _state_dir() / "sim-terminals" / f"{terminal}.json"
+
+
+def _host_ledger_path(kind: str, port: int) -> Path:
+    """Where `sim bank` / `sim insurer` keep their ledger unless told (one file per kind and port)."""
+    return _state_dir() / "sim-hosts" / f"{kind}-{port}.jsonl"
 
 
 def cmd_sim_host(args: argparse.Namespace) -> int:
@@ -45,8 +54,10 @@ def cmd_sim_host(args: argparse.Namespace) -> int:
         sys.exit("pointswitch: --reversal-rc is a two-character response code, like 00 or 96")
     if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
         sys.exit("pointswitch: --tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+    ledger = Path(args.ledger) if args.ledger else _host_ledger_path(args.kind, args.port)
+    ledger.parent.mkdir(parents=True, exist_ok=True)
     host = HostSimulator(args.kind, args.host, args.port, args.framing, rules,
-                         Path(args.ledger) if args.ledger else None, answer_reversals=not args.no_reversal_ack,
+                         ledger, answer_reversals=not args.no_reversal_ack,
                          drop_every=args.drop_every, reversal_rc=args.reversal_rc, mac_key=mac_key,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca)
 
@@ -56,7 +67,9 @@ def cmd_sim_host(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with host:
-            print(f"{args.kind} simulator on {args.host}:{host.port} ({len(rules)} rules)", flush=True)
+            print(f"{args.kind} simulator on {args.host}:{host.port} ({len(rules)} rules); ledger {ledger}"
+                  f" ({host.replayed} lines replayed: {len(host.entries)} entries, net {host.net_fen()} fen)",
+                  flush=True)
             await stop.wait()
         print(f"{args.kind} simulator stopped: {len(host.entries)} entries, net {host.net_fen()} fen", flush=True)
 
@@ -65,7 +78,9 @@ def cmd_sim_host(args: argparse.Namespace) -> int:
 
 
 def cmd_sim_terminal(args: argparse.Namespace) -> int:
-    from ..simulators.terminal import TerminalClient, TerminalError, describe
+    from ..simulators.journal import TerminalJournal
+    from ..simulators.reply import mask_card
+    from ..simulators.terminal import NoAnswer, Reply, TerminalClient, TerminalError, describe
 
     state_file = _state_path(args.terminal)
     state: dict[str, Any] = {"trace": 0, "batch": 1, "history": {}}
@@ -86,40 +101,19 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
                                 dialect_name=args.dialect, framing_name=args.framing,
                                 batch=state["batch"], trace=state["trace"], timeout_s=args.timeout,
                                 tmk=key("tmk"), default_pin=args.pin, pik=key("pik"), mak=key("mak"),
-                                tdk=key("tdk"), double_mak=args.double_mak)
+                                tdk=key("tdk"), double_mak=args.double_mak,
+                                reversal_on_timeout=args.reversal_on_timeout, reversal_attempts=args.reversal_attempts,
+                                reversal_delay_s=args.reversal_delay, journal=journal)
         async with client:
-            op = args.op
-            if op == "sign-on":
-                reply = await client.sign_on(args.key_scheme)
-            elif op == "sign-off":
-                reply = await client.sign_off()
-            elif op == "echo":
-                reply = await client.echo()
-            elif op == "inquiry":
-                reply = await client.inquiry(args.card)
-            elif op == "accrue":
-                reply = await client.accrue(args.card, args.amount, tamper=args.tamper)
-            elif op == "redeem":
-                reply = await client.send(client.request("redeem", args.card, args.amount), tamper=args.tamper)
-            elif op == "cash-out":
-                reply = await client.cash_out(args.card, args.amount, args.bank_card)
-            elif op == "insurance":
-                reply = await client.insurance(args.card, args.amount, args.policy)
+            try:
+                reply = await operation(client)
+            except NoAnswer as exc:  # reversed when it should be; the trace is used up all the same
+                reply = Reply(exc.request, {})
+                unanswered: NoAnswer | None = exc
             else:
-                original = state["history"].get(f"{int(args.trace):06d}")
-                if original is None:
-                    sys.exit(f"pointswitch: no transaction with trace {args.trace} in {state_file}")
-                from ..simulators.terminal import Reply
-
-                orig = Reply(original["request"], original["reply"])
-                if op == "void":
-                    reply = await client.void(orig)
-                elif op == "refund":
-                    reply = await client.refund(orig, args.amount)
-                else:
-                    reply = await client.reverse(orig.request)
+                unanswered = None
             state["trace"], state["batch"] = client.trace, client.batch
-            if op == "sign-off":
+            if args.op == "sign-off" and unanswered is None:
                 client.pik = client.mak = client.tdk = None
             for name in ("pik", "mak", "tdk"):  # the terminal's working keys, kept like its secure memory
                 value = getattr(client, name)
@@ -129,12 +123,50 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
                 state["history"][reply.request["11"]] = {"request": request, "reply": reply.fields}
                 while len(state["history"]) > 200:
                     state["history"].pop(next(iter(state["history"])))
-            return describe(reply)
+            if unanswered is None:
+                return describe(reply)
+            card = reply.request.get("2")
+            return {"mti": None, "rc": "no answer", "trace": reply.request.get("11"),
+                    "card": mask_card(card) if card else None,
+                    "amount_fen": int(reply.request["4"]) if "4" in reply.request else None,
+                    "reversal_rc": (unanswered.reversal.rc if unanswered.reversal else "no answer")
+                    if unanswered.reversal_attempts else None,
+                    "reversal_attempts": unanswered.reversal_attempts}
 
+    async def operation(client: TerminalClient) -> Reply:
+        op = args.op
+        if op == "sign-on":
+            return await client.sign_on(args.key_scheme)
+        if op == "sign-off":
+            return await client.sign_off()
+        if op == "echo":
+            return await client.echo()
+        if op == "inquiry":
+            return await client.inquiry(args.card)
+        if op in ("accrue", "redeem"):
+            return await client.send(client.request(op, args.card, args.amount), tamper=args.tamper)
+        if op == "cash-out":
+            return await client.cash_out(args.card, args.amount, args.bank_card)
+        if op == "insurance":
+            return await client.insurance(args.card, args.amount, args.policy)
+        original = state["history"].get(f"{int(args.trace):06d}")
+        if original is None:
+            sys.exit(f"pointswitch: no transaction with trace {args.trace} in {state_file}")
+        orig = Reply(original["request"], original["reply"])
+        if op == "void":
+            return await client.void(orig)
+        if op == "refund":
+            return await client.refund(orig, args.amount)
+        return await client.reverse(orig.request)
+
+    journal = TerminalJournal(args.journal) if args.journal else None
     try:
         result = asyncio.run(run())
     except (TerminalError, OSError) as exc:
         sys.exit(f"pointswitch: {exc}")
+    finally:
+        if journal is not None:
+            journal.close()
     state_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the terminal's keys
     with os.fdopen(fd, "w") as f:
@@ -161,7 +193,9 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
         duration_s=None if args.count else args.duration, count=args.count,
         first_card=int(args.first_card), cards=args.cards, mix=mix, dialect=args.dialect,
         framing=args.framing, seed=args.seed,
-        tmk=bytes.fromhex(tmk) if tmk else None, pin=pin or "",
+        tmk=bytes.fromhex(tmk) if tmk else None, pin=pin or "", timeout_s=args.timeout,
+        reversal_on_timeout=args.reversal_on_timeout, reversal_attempts=args.reversal_attempts,
+        reversal_delay_s=args.reversal_delay, journal=Path(args.journal) if args.journal else None,
     )
     install_uvloop()
     report = asyncio.run(run_load(plan, progress=None if args.json else sys.stderr))
@@ -194,7 +228,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                     help="the terminal's profile has a double-length MAK (default: yes for iso87, no for cup)")
     st.add_argument("--tamper", action="store_true",
                     help="change one byte of the message after its MAC was computed (shows the A0 path)")
-    st.add_argument("--timeout", type=float, default=10.0)
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default 10)")
+    _practice_options(st)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_sim_terminal)
 
@@ -217,7 +252,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         sh.add_argument("--tls-key", help="... and its private key (PEM)")
         sh.add_argument("--tls-client-ca", help="require a client certificate signed by this CA (PEM)")
         sh.add_argument("--mac-key-file", help="X9.19 MAC key (32 hex digits): requests checked, answers signed")
-        sh.add_argument("--ledger", help="append what is credited / collected and reversed to this JSON-lines file")
+        sh.add_argument("--ledger", help="the host's ledger, a JSON-lines file: replayed at start, every credit,"
+                        " decline and reversal appended before it is answered (default: sim-hosts/KIND-PORT.jsonl"
+                        " in the user state folder)")
         sh.set_defaults(func=cmd_sim_host, kind=kind)
 
     sl = sim.add_parser("load", help="load generator")
@@ -238,8 +275,38 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sl.add_argument("--tmk", help="master key of the load terminals (from admin seed; '-' reads it from standard"
                     " input)")
     sl.add_argument("--pin", default="123456", help="PIN of the load cards ('-' reads it from standard input)")
+    sl.add_argument("--timeout", type=float, default=10.0, help="seconds a terminal waits for an answer (default 10)")
+    _practice_options(sl)
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=cmd_sim_load)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def _practice_options(parser: argparse.ArgumentParser) -> None:
+    """Terminal practice: reversal of what goes unanswered, and the terminal's journal."""
+    parser.add_argument("--no-reversal-on-timeout", dest="reversal_on_timeout", action="store_false",
+                        help="do not reverse a financial request left unanswered (by default it is reversed: 0400,"
+                             " 39 = 98, repeated until answered)")
+    parser.add_argument("--reversal-attempts", type=_positive_int, default=3,
+                        help="times the reversal is sent at most (default 3)")
+    parser.add_argument("--reversal-delay", type=_seconds, default=1.0,
+                        help="seconds between two attempts of the reversal (default 1)")
+    parser.add_argument("--journal", help="append every request and its outcome to this JSON-lines file")
 
 
 def check_args(args: argparse.Namespace) -> None:

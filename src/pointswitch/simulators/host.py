@@ -16,8 +16,12 @@ field (2, 4, 11, 37, 41; 64: a wrong MAC), and ``reading = False`` makes a host
 that accepts connections and never reads from them.
 
 The simulator keeps a ledger of what it credited or collected; tests read it
-(``net_fen``, ``entries``) and operators can have it appended to a JSON-lines
-file (``ledger_file``), so anyone can prove each cash-out was paid exactly once.
+(``net_fen``, ``entries``). With ``ledger_file`` that ledger lives on disk
+(``host_ledger``): every credit, decline and reversal is appended and flushed
+before the answer is sent, and ``start`` replays the file, so a host started
+again on the same file undoes a credit it made before the restart (once) and
+answers 25 only for references it never credited. ``host_ledger.net_credited_fen``
+reads the file, so anyone can prove each cash-out was paid exactly once.
 """
 
 from __future__ import annotations
@@ -25,20 +29,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import socket
 import ssl
 import tomllib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from ..codecs import DecodeFailure, Fields, FrameDecoder, FramingError, Message, dialect, framing
-from ..logs import mask_pan
 from ..switch.upstream_wire import SIGNED_REQUESTS, Signer
+from . import host_ledger
+from .host_ledger import Entry
+
+__all__ = ["Entry", "HostSimulator", "Rule", "load_rules"]
 
 log = structlog.get_logger("pointswitch.sim.host")
 
@@ -79,17 +84,6 @@ def load_rules(path: str | Path) -> list[Rule]:
 
 
 @dataclass
-class Entry:
-    kind: str  # "credit" (bank) or "premium" (insurer)
-    rrn: str
-    trace: str
-    amount_fen: int
-    account: str  # bank card or policy number
-    at: str
-    reversed: bool = False
-
-
-@dataclass
 class HostSimulator:
     kind: str = "bank"  # or "insurer"
     host: str = "127.0.0.1"
@@ -111,6 +105,7 @@ class HostSimulator:
     connections_seen: list[str] = field(default_factory=list)  # peer of every connection accepted
     entries: dict[str, Entry] = field(default_factory=dict)  # by retrieval reference
     received: list[Fields] = field(default_factory=list)  # every request, in arrival order
+    replayed: int = 0  # lines of ledger_file read at the last start
     _reversed_unseen: set[str] = field(default_factory=set)
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -118,6 +113,14 @@ class HostSimulator:
 
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> HostSimulator:
+        if self.ledger_file is not None:  # the file is the truth: what it says replaces what is in memory
+            state, self.replayed = host_ledger.replay(self.ledger_file, repair=True)
+            self.ledger_file.touch()  # there from the start, for whoever reconciles against it
+            self.entries.clear()
+            self.entries.update(state.entries)
+            self._reversed_unseen = state.reversed_unseen
+            log.info("host simulator ledger replayed", kind=self.kind, file=str(self.ledger_file),
+                     lines=self.replayed, credits=len(self.entries), net_fen=state.net_fen())
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if not self.reading:  # a small window: a client's writes stall after a few kilobytes
@@ -198,6 +201,7 @@ class HostSimulator:
         if mti in SIGNED_REQUESTS and signer is not None and not signer.verify(message, frame):
             self.mac_failures += 1
             log.warning("host simulator: MAC missing or wrong", kind=self.kind, mti=mti, trace=fields.get("11"))
+            self._record("decline" if mti == "0200" else "reversal_refused", fields, "A0")
             reply = {**{k: fields[k] for k in _ECHOED if k in fields and k != "48"},
                      "t": "0410" if mti == "0400" else "0430" if mti == "0420" else "0210", "39": "A0"}
         elif mti == "0200":
@@ -251,17 +255,18 @@ class HostSimulator:
         rrn = fields.get("37", "")
         if rule is not None and rule.action == "decline":
             reply["39"] = rule.rc
+            self._record("decline", fields, rule.rc)
             return reply
         if rrn in self._reversed_unseen:
             reply["39"] = "05"  # reversed before it arrived: never credited
+            self._record("decline", fields, "05")
             return reply
         entry = self.entries.get(rrn)
         if entry is None:  # a retransmission of the same reference is credited once
-            account = fields.get("48", "").strip() if self.kind == "insurer" else fields.get("2", "")
-            entry = Entry("premium" if self.kind == "insurer" else "credit", rrn, fields.get("11", ""),
-                          int(fields.get("4", "0")), account, datetime.now(UTC).isoformat(timespec="seconds"))
+            entry = Entry(self._entry_kind, rrn, fields.get("11", ""), _amount(fields), self._account(fields),
+                          host_ledger.now())
+            self._record("credit", fields, "00", entry)  # on disk first, then known, then answered
             self.entries[rrn] = entry
-            self._append(entry, "credit")
         reply["39"] = "00"
         reply["38"] = f"{next(self._auth) % 1_000_000:06d}"
         if self.kind == "insurer":
@@ -274,23 +279,42 @@ class HostSimulator:
         rc = self.reversal_rc
         if rc != "00":
             log.info("host simulator: reversal refused", kind=self.kind, rrn=rrn, rc=rc)
+            self._record("reversal_refused", fields, rc)
         elif entry is None:
-            self._reversed_unseen.add(rrn)
             rc = "25"  # original not found: nothing to undo (and a late original will be declined)
+            if rrn not in self._reversed_unseen:
+                self._record("reversal_not_found", fields, rc)
+                self._reversed_unseen.add(rrn)
         elif not entry.reversed:
+            self._record("reversal", fields, rc, entry)
             entry.reversed = True
-            self._append(entry, "reversal")
         reply: Fields = {k: fields[k] for k in _ECHOED if k in fields and k != "48"}
         reply.update({"t": "0410" if fields["t"] == "0400" else "0430", "39": rc})
         return reply
 
-    def _append(self, entry: Entry, what: str) -> None:
-        log.info("host simulator ledger", kind=self.kind, what=what, rrn=entry.rrn, amount_fen=entry.amount_fen,
-                 account=mask_pan(entry.account) if self.kind == "bank" else entry.account)
+    @property
+    def _entry_kind(self) -> str:
+        return "premium" if self.kind == "insurer" else "credit"
+
+    def _account(self, fields: Fields) -> str:
+        return fields.get("48", "").strip() if self.kind == "insurer" else fields.get("2", "")
+
+    def _record(self, what: str, fields: Fields, rc: str, entry: Entry | None = None) -> None:
+        """Log one ledger event and, with a ledger file, append it (flushed) before the answer goes."""
+        if entry is not None:  # a credit, or the credit a reversal undoes
+            line = host_ledger.line_of(what, entry.kind, entry.rrn, entry.trace, entry.amount_fen, entry.account, rc)
+        else:
+            line = host_ledger.line_of(what, self._entry_kind, fields.get("37", ""), fields.get("11", ""),
+                                       _amount(fields), self._account(fields), rc)
+        log.info("host simulator ledger", **{k: v for k, v in line.items() if k not in ("kind", "at")},
+                 host=self.kind)
         if self.ledger_file is not None:
-            with open(self.ledger_file, "a", encoding="utf-8") as f:
-                account = mask_pan(entry.account) if self.kind == "bank" else entry.account
-                f.write(json.dumps({"what": what, **entry.__dict__, "account": account}) + "\n")
+            host_ledger.append(self.ledger_file, line)
+
+
+def _amount(fields: Fields) -> int:
+    value = fields.get("4", "0")
+    return int(value) if value.isdigit() else 0
 
 
 def _other(value: str) -> str:

@@ -4,6 +4,13 @@ across many cards, a live progress line, and a final report.
 Speaks only the wire. Terminals are ``<prefix><n>`` (zero-padded to 8
 characters) of one merchant, cards ``<first card> + i``; ``pointswitch admin
 seed`` creates both.
+
+The terminals follow terminal practice (``reversal_on_timeout``, see
+``terminal``): an unanswered financial request is reversed until the reversal is
+answered or its attempts run out. The report counts, per terminal, what it saw:
+approved, declined, unanswered, and of the unanswered the reversals answered and
+those never answered. With ``journal`` every request goes to a terminal journal
+(``journal``), one line each.
 """
 
 from __future__ import annotations
@@ -15,9 +22,14 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
-from .terminal import TerminalClient, TerminalError
+from .journal import TerminalJournal
+from .terminal import NoAnswer, TerminalClient, TerminalError
+
+# What a terminal saw, counted per terminal in the report.
+OUTCOMES = ("approved", "declined", "unanswered", "reversal_answered", "reversal_unanswered")
 
 
 @dataclass
@@ -40,6 +52,10 @@ class LoadPlan:
     tmk: bytes | None = field(default=None, repr=False)  # master key of the load terminals
     pin: str = "123456"  # PIN of the load cards
     bank_card: str = "6222020000000000018"  # credited by cash_out operations
+    reversal_on_timeout: bool = True  # terminal practice: reverse what goes unanswered
+    reversal_attempts: int = 3
+    reversal_delay_s: float = 1.0
+    journal: Path | None = None  # JSON lines: every request and its outcome
 
 
 @dataclass
@@ -50,6 +66,14 @@ class LoadReport:
     ops: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
+    terminals: dict[str, Counter[str]] = field(default_factory=dict)  # terminal id -> OUTCOMES
+
+    def saw(self, terminal: str, outcome: str) -> None:
+        self.terminals.setdefault(terminal, Counter({k: 0 for k in OUTCOMES}))[outcome] += 1
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        return {k: sum(c[k] for c in self.terminals.values()) for k in OUTCOMES}
 
     @property
     def throughput_tps(self) -> float:
@@ -75,6 +99,8 @@ class LoadReport:
             "response_codes": dict(sorted(self.codes.items())),
             "operations": dict(sorted(self.ops.items())),
             "errors": dict(self.errors),
+            "outcomes": self.outcomes,
+            "terminals": {t: {k: c[k] for k in OUTCOMES} for t, c in sorted(self.terminals.items())},
         }
 
     def render(self) -> str:
@@ -89,7 +115,14 @@ class LoadReport:
         ]
         if d["errors"]:
             lines.append("errors        " + "  ".join(f"{k}: {v}" for k, v in d["errors"].items()))
+        lines.append("outcomes      " + _outcomes(d["outcomes"]))
+        lines += [f"  {t:<10}  {_outcomes(c)}" for t, c in d["terminals"].items()]
         return "\n".join(lines)
+
+
+def _outcomes(counts: dict[str, int]) -> str:
+    return (f"approved {counts['approved']}  declined {counts['declined']}  unanswered {counts['unanswered']}"
+            f" (reversed: answered {counts['reversal_answered']}, unanswered {counts['reversal_unanswered']})")
 
 
 def terminal_id(prefix: str, n: int) -> str:
@@ -106,7 +139,6 @@ async def run_load(plan: LoadPlan, progress: TextIO | None = sys.stderr) -> Load
     ops, weights = zip(*plan.mix.items(), strict=True)
     deadline = time.monotonic() + plan.duration_s if plan.duration_s else None
     budget = plan.count
-    started = time.monotonic()
 
     def take() -> bool:
         nonlocal budget
@@ -120,6 +152,13 @@ async def run_load(plan: LoadPlan, progress: TextIO | None = sys.stderr) -> Load
 
     async def worker(client: TerminalClient) -> None:
         while take():
+            if client.closed_by_peer:  # a terminal dials again
+                try:
+                    await client.reconnect()
+                except (OSError, TimeoutError) as exc:
+                    report.errors[f"reconnect: {type(exc).__name__}"] += 1
+                    await asyncio.sleep(min(1.0, plan.timeout_s))
+                    continue
             op = rng.choices(ops, weights)[0]
             card = card_number(plan.first_card, rng.randrange(plan.cards))
             amount = rng.randrange(100, 20000)
@@ -134,11 +173,47 @@ async def run_load(plan: LoadPlan, progress: TextIO | None = sys.stderr) -> Load
                     reply = await client.cash_out(card, rng.randrange(100, 500), plan.bank_card)
                 else:
                     reply = await client.accrue(card, amount)
+            except NoAnswer as exc:
+                report.saw(client.terminal_id, "unanswered")
+                if exc.reversal_attempts:
+                    report.saw(client.terminal_id,
+                               "reversal_answered" if exc.reversal is not None else "reversal_unanswered")
+                continue
             except TerminalError as exc:
                 report.errors[type(exc).__name__ + ": " + str(exc).split(" ")[0]] += 1
                 continue
             report.codes[reply.rc] += 1
             report.latencies_ms.append(reply.latency_ms)
+            report.saw(client.terminal_id, "approved" if reply.approved else "declined")
+
+    clients: list[TerminalClient] = []
+    journal = TerminalJournal(plan.journal) if plan.journal else None
+    try:
+        for n in range(plan.connections):
+            client = TerminalClient(plan.host, plan.port, terminal_id(plan.terminal_prefix, n + 1),
+                                    plan.merchant_id, dialect_name=plan.dialect, framing_name=plan.framing,
+                                    timeout_s=plan.timeout_s, tmk=plan.tmk, default_pin=plan.pin,
+                                    reversal_on_timeout=plan.reversal_on_timeout,
+                                    reversal_attempts=plan.reversal_attempts,
+                                    reversal_delay_s=plan.reversal_delay_s, journal=journal)
+            clients.append(client)
+            await client.connect()
+            await client.sign_on()
+            # Each run starts its traces where a previous run cannot have reached.
+            client.trace = rng.randrange(0, 900000)
+            report.terminals[client.terminal_id] = Counter({k: 0 for k in OUTCOMES})
+        await _run(clients, worker, report, progress, plan.depth)
+    finally:
+        for c in clients:
+            await c.close()
+        if journal is not None:
+            journal.close()
+    return report
+
+
+async def _run(clients: list[TerminalClient], worker: Any, report: LoadReport, progress: TextIO | None,
+               depth: int) -> None:
+    started = time.monotonic()
 
     async def show_progress() -> None:
         assert progress is not None
@@ -152,26 +227,12 @@ async def run_load(plan: LoadPlan, progress: TextIO | None = sys.stderr) -> Load
             )
             progress.flush()
 
-    clients = []
-    for n in range(plan.connections):
-        client = TerminalClient(plan.host, plan.port, terminal_id(plan.terminal_prefix, n + 1), plan.merchant_id,
-                                dialect_name=plan.dialect, framing_name=plan.framing, timeout_s=plan.timeout_s,
-                                tmk=plan.tmk, default_pin=plan.pin)
-        await client.connect()
-        await client.sign_on()
-        # Each run starts its traces where a previous run cannot have reached.
-        client.trace = rng.randrange(0, 900000)
-        clients.append(client)
-    started = time.monotonic()
     ticker = asyncio.get_running_loop().create_task(show_progress()) if progress else None
     try:
-        await asyncio.gather(*(worker(c) for c in clients for _ in range(plan.depth)))
+        await asyncio.gather(*(worker(c) for c in clients for _ in range(depth)))
     finally:
         report.elapsed_s = time.monotonic() - started
         if ticker:
             ticker.cancel()
             assert progress is not None
             progress.write("\n")
-        for c in clients:
-            await c.close()
-    return report

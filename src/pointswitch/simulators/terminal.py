@@ -2,6 +2,14 @@
 
 Several requests may be outstanding on one connection; responses are matched
 to requests by MTI and trace number (field 11).
+
+Terminal practice, with ``reversal_on_timeout``: a financial request (0200 /
+0220, not an inquiry) left unanswered within ``timeout_s`` (or whose connection
+closed first) is reversed: a 0400 copy of it with 39 = 98, without its PIN
+block, MAC'd again, sent up to ``reversal_attempts`` times, ``reversal_delay_s``
+apart, until the switch answers it (redialling when the connection is gone).
+The request then raises :class:`NoAnswer`, which carries the reversal's answer.
+With a ``journal`` every request is written there once its outcome is final.
 """
 
 from __future__ import annotations
@@ -14,71 +22,11 @@ from typing import Any
 
 from ..codecs import DecodeFailure, FrameDecoder, FramingError, crypto, dialect, framing
 from ..codecs.cup import Envelope
-from ..codecs.subfields import Field60, parse_54, parse_62
+from ..codecs.subfields import Field60, parse_62
+from .journal import TerminalJournal
+from .reply import FINANCIAL_MTIS, OPS, PIN_OPS, NoAnswer, Reply, TerminalError, describe, reversal_of, reversible
 
-FINANCIAL_MTIS = {"0200", "0220", "0400", "0420"}
-PIN_OPS = {"inquiry", "redeem", "cash_out", "insurance"}
-
-# 60.1 transaction types and processing codes of PROTOCOL.md
-OPS: dict[str, tuple[str, str, str]] = {
-    # name: (MTI, processing code, 60.1)
-    "inquiry": ("0200", "310000", "01"),
-    "accrue": ("0200", "000000", "22"),
-    "void_accrual": ("0200", "200000", "23"),
-    "refund": ("0220", "200000", "25"),
-    "redeem": ("0200", "000000", "51"),
-    "void_redemption": ("0200", "200000", "52"),
-    "cash_out": ("0200", "400000", "53"),  # points to a UnionPay card: 48 = the bank card
-    "insurance": ("0200", "500000", "54"),  # points for a premium: 48 = the policy number
-}
-
-
-@dataclass
-class Reply:
-    request: dict[str, str]
-    fields: dict[str, str]
-    latency_ms: float = 0.0
-    envelope: Any = None
-    mac_ok: bool | None = None  # None: the response carried no MAC
-
-    @property
-    def rc(self) -> str:
-        return self.fields.get("39", "")
-
-    @property
-    def approved(self) -> bool:
-        return self.rc == "00"
-
-    @property
-    def points_balance(self) -> int | None:
-        for b in parse_54(self.fields.get("54", "")):
-            if b.currency == "999":
-                return b.amount
-        return None
-
-    @property
-    def cash_value_fen(self) -> int | None:
-        for b in parse_54(self.fields.get("54", "")):
-            if b.currency == "156":
-                return b.amount
-        return None
-
-    @property
-    def points_moved(self) -> int | None:
-        value = self.fields.get("63", "").strip()
-        return int(value) if value.isdigit() else None
-
-    @property
-    def rrn(self) -> str:
-        return self.fields.get("37", "")
-
-    @property
-    def trace(self) -> str:
-        return self.request.get("11", "")
-
-
-class TerminalError(RuntimeError):
-    pass
+__all__ = ["OPS", "NoAnswer", "Reply", "TerminalClient", "TerminalError", "describe"]
 
 
 @dataclass
@@ -102,6 +50,11 @@ class TerminalClient:
     mak: bytes | None = field(default=None, repr=False)
     tdk: bytes | None = field(default=None, repr=False)
     sign_on_at_connect: bool = False
+    # Terminal practice (see the module's docstring); off here, on in `sim terminal` and `sim load`.
+    reversal_on_timeout: bool = False
+    reversal_attempts: int = 3
+    reversal_delay_s: float = 1.0
+    journal: TerminalJournal | None = None  # every request and its outcome, as this terminal saw it
     _reader: asyncio.StreamReader | None = None
     _writer: asyncio.StreamWriter | None = None
     _pending: dict[tuple[str, str], asyncio.Future[Reply]] = field(default_factory=dict)
@@ -112,17 +65,30 @@ class TerminalClient:
         self.dialect = dialect(self.dialect_name)
         self.framing = framing(self.framing_name)
         self._sent: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
+        self._redial = asyncio.Lock()
 
     # -- connection -------------------------------------------------------------
     async def connect(self) -> TerminalClient:
+        await self._open()
+        if self.sign_on_at_connect:
+            await self.sign_on()
+        return self
+
+    async def _open(self) -> None:
         local = (self.local_host, 0) if self.local_host else None
         self._reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, local_addr=local), self.timeout_s
         )
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
-        if self.sign_on_at_connect:
-            await self.sign_on()
-        return self
+
+    async def reconnect(self) -> None:
+        """Dial again when the connection is gone, keeping the working keys (they belong
+        to the terminal, not to a connection): no sign-on."""
+        async with self._redial:
+            if self._writer is not None and not self.closed_by_peer and not self._writer.is_closing():
+                return
+            await self.close()
+            await self._open()
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -223,7 +189,37 @@ class TerminalClient:
         """Send one request and wait for the response with the same trace number.
 
         Financial requests carry a MAC when the terminal has a MAC key; with
-        ``tamper`` one digit of the amount is changed after the MAC was computed."""
+        ``tamper`` one digit of the amount is changed after the MAC was computed.
+        Unanswered: :class:`NoAnswer`, after the reversal when the terminal reverses."""
+        try:
+            reply = await self._exchange(fields, envelope, tamper=tamper, mac=mac)
+        except NoAnswer as unanswered:
+            if self.reversal_on_timeout and reversible(fields):
+                unanswered.reversal, unanswered.reversal_attempts = await self._reverse_until_answered(fields)
+            if self.journal is not None:
+                self.journal.record(self.terminal_id, self.merchant_id, fields, None,
+                                    reversal=unanswered.reversal, reversal_attempts=unanswered.reversal_attempts)
+            raise
+        if self.journal is not None:
+            self.journal.record(self.terminal_id, self.merchant_id, fields, reply)
+        return reply
+
+    async def _reverse_until_answered(self, original: dict[str, str]) -> tuple[Reply | None, int]:
+        """Send the reversal of ``original`` until it is answered, ``reversal_attempts``
+        times at most: its answer (None if never answered) and the attempts made."""
+        reversal = reversal_of(original, "98")
+        for attempt in range(1, self.reversal_attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(self.reversal_delay_s)
+            try:
+                await self.reconnect()
+                return await self._exchange(reversal, None), attempt
+            except (TerminalError, OSError, TimeoutError):
+                continue
+        return None, self.reversal_attempts
+
+    async def _exchange(self, fields: dict[str, str], envelope: Envelope | None = None, *,
+                        tamper: bool = False, mac: bool | None = None) -> Reply:
         assert self._writer is not None, "connect first"
         if self.closed_by_peer:
             raise TerminalError("connection closed by the switch")
@@ -245,9 +241,13 @@ class TerminalClient:
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
-            self._pending.pop(key, None)
+            raise NoAnswer(fields, f"no response to trace {key[1]} within {self.timeout_s}s") from None
+        except TerminalError as exc:  # the connection closed with the request outstanding
+            raise NoAnswer(fields, f"no response to trace {key[1]}: {exc}") from None
+        finally:
+            if self._pending.get(key) is future:
+                del self._pending[key]
             self._sent.pop(key, None)
-            raise TerminalError(f"no response to trace {key[1]} within {self.timeout_s}s") from None
 
     def _tampered(self, payload: bytes, fields: dict[str, str]) -> bytes:
         """Change the last digit of the amount (field 4), keeping the format valid."""
@@ -358,29 +358,4 @@ class TerminalClient:
 
     async def reverse(self, original: dict[str, str], reason: str = "98") -> Reply:
         """Send a reversal (0400): a copy of the original request with 39 = reason."""
-        fields = {k: v for k, v in original.items() if k not in ("52", "64")}
-        fields["t"] = "0400"
-        fields["39"] = reason
-        return await self.send(fields)
-
-
-def describe(reply: Reply) -> dict[str, Any]:
-    """A readable summary of a reply (card number masked)."""
-    card = reply.request.get("2", "")
-    return {
-        "mti": reply.fields.get("t"),
-        "rc": reply.rc,
-        "trace": reply.fields.get("11"),
-        "card": card[:6] + "*" * max(0, len(card) - 10) + card[-4:] if card else None,
-        "amount_fen": int(reply.fields["4"]) if "4" in reply.fields else None,
-        "points_moved": reply.points_moved,
-        "points_balance": reply.points_balance,
-        "cash_value_fen": reply.cash_value_fen,
-        "rrn": reply.rrn or None,
-        "auth_code": reply.fields.get("38"),
-        "batch": reply.fields.get("60", "")[2:8] or None,
-        "mac_verified": reply.mac_ok,
-        "latency_ms": round(reply.latency_ms, 2),
-    }
-
-
+        return await self.send(reversal_of(original, reason))

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,7 +87,9 @@ class Connector:
         self._waiting: dict[tuple[str, ...], _Waiting] = {}
         # Echoes only: an 0810 is found by 0810 + 11 on this connector's own links.
         self._echo_stan = itertools.count(random.randrange(1, 999_999))
+        # The last connect failure, while it is news: cleared when a link comes up.
         self._last_error = ""
+        self._last_error_at: float | None = None
         self.sent = self.answered = self.timeouts = self.late = self.mismatched = self.write_timeouts = 0
         self.became_available = asyncio.Event()
 
@@ -131,14 +134,15 @@ class Connector:
             "in_flight": len(self._waiting), "sent": self.sent, "answered": self.answered,
             "timeouts": self.timeouts, "late": self.late, "mismatched": self.mismatched,
             "write_timeouts": self.write_timeouts,
-            "last_echo_ok": datetime.fromtimestamp(max(echoes), UTC).isoformat(timespec="seconds") if echoes else None,
+            "last_echo_ok": _iso(max(echoes)) if echoes else None,
             "last_error": self._last_error,
+            "last_error_at": _iso(self._last_error_at),
         }
 
     def _note_failure(self, index: int, error: str) -> None:
         if error != self._last_error:
             log.warning("upstream connect failed", connector=self.name, link=index, error=error)
-        self._last_error = error
+        self._last_error, self._last_error_at = error, time.time()
 
     def _link_down(self, link: Link) -> None:
         for key in [k for k, w in self._waiting.items() if w.link is link]:
@@ -147,6 +151,8 @@ class Connector:
                 waiting.future.set_exception(UpstreamLost("link broke before the answer came"))
 
     def _became_up(self) -> None:
+        """A link is up: the failure that kept it down is history (the log has it)."""
+        self._last_error, self._last_error_at = "", None
         self.became_available.set()
 
     # -- messages ----------------------------------------------------------------
@@ -259,3 +265,7 @@ class Connector:
         if self._signer is not None and request["t"] in SIGNED_REQUESTS and not self._signer.verify(message, frame):
             return "MAC missing or wrong"
         return None
+
+
+def _iso(at: float | None) -> str | None:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds") if at is not None else None
