@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import json
 import os
 import signal
 import time
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
+from pointswitch import logs
 from pointswitch.simulators.terminal import TerminalError
 
 from .conftest import Network, SwitchUnderTest
@@ -234,3 +237,79 @@ async def test_the_deadline_is_kept_while_the_database_hangs_and_nothing_posts_l
     assert waited_s < 2.5, f"answered after {waited_s:.1f} s with a 1 s deadline"
     assert after == 0, "a 96 means nothing was posted, also once the database resumes"
     assert again.rc == "00" and await network.balance(card) == 10
+
+
+class DatabaseLink:
+    """A TCP proxy in front of the test's PostgreSQL (unix socket): cutting it is a
+    database that went away (connections reset, new ones refused); restoring it
+    brings the database back."""
+
+    def __init__(self, sut: SwitchUnderTest):
+        self.socket = str(sut.data_dir / "pg" / ".s.PGSQL.5432")
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.pairs: set[asyncio.StreamWriter] = set()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/pointswitch"
+
+    async def up(self) -> None:
+        self.server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+        for writer in list(self.pairs):
+            writer.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(self.socket)
+        self.pairs |= {writer, up_writer}
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        self.pairs -= {writer, up_writer}
+
+
+async def test_a_database_outage_is_logged_once_when_it_begins_and_once_when_it_ends(switch, network):
+    """The defect: every failed request during an outage logged a ~4 KB traceback (137 MB
+    in 140 s), and frames that got no answer were logged as transactions."""
+    card = network.cards[0]
+    link = DatabaseLink(switch)
+    await link.up()
+    captured = io.StringIO()
+    async with (guarded_switch(switch, dsn=link.dsn) as running,
+                on(running, network.terminal(0), "cup") as term):
+        assert (await term.accrue(card, 100)).rc == "00"
+        logs.configure("info", json=True, stream=captured)
+        try:
+            await link.cut()
+            during = [(await term.accrue(card, 100)).rc for _ in range(20)]
+            await link.up()
+            after = None
+            for _ in range(50):  # the pool opens new connections as they are needed
+                after = (await term.accrue(card, 100)).rc
+                if after == "00":
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            logs.configure("warning")
+    events = [json.loads(line) for line in captured.getvalue().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert set(during) == {"96"} and after == "00"
+    assert names.count("database unavailable: requests that need it are answered 96 until it is back") == 1
+    assert names.count("database available again") == 1
+    back = next(e for e in events if e["event"] == "database available again")
+    assert back["failed_requests"] >= 20
+    assert not [e for e in events if "exception" in e or "Traceback" in json.dumps(e)], "no traceback per request"
+    assert all(e["event"] != "transaction" or e.get("rc") == "00" for e in events)
+    assert await network.balance(card) == 2

@@ -40,15 +40,17 @@ def attacker_address() -> str:
 
 
 @contextlib.asynccontextmanager
-async def guarded_switch(sut: SwitchUnderTest, **overrides: object) -> AsyncIterator[Running]:
-    """The switch with the production security limits (not the lifted ones of the shared test switch)."""
+async def guarded_switch(sut: SwitchUnderTest, dsn: str | None = None, **overrides: object
+                         ) -> AsyncIterator[Running]:
+    """The switch with the production security limits (not the lifted ones of the shared
+    test switch); ``dsn``: reach the database another way (through a proxy, say)."""
     cfg = _test_config()
     cfg.database.data_dir = str(sut.data_dir)
     cfg.limits = dataclasses.replace(cfg.limits, max_connections_per_peer=64, unauthenticated_idle_timeout_s=15)
     cfg.security = dataclasses.replace(type(cfg.security)(), **{k: v for k, v in overrides.items()
                                                               if hasattr(cfg.security, k)})
     cfg.limits = dataclasses.replace(cfg.limits, **{k: v for k, v in overrides.items() if hasattr(cfg.limits, k)})
-    async with running_switch(cfg, sut.dsn, sut.vault) as running:
+    async with running_switch(cfg, dsn or sut.dsn, sut.vault) as running:
         yield running
 
 

@@ -44,6 +44,7 @@ class WriteGate:
     def __init__(self) -> None:
         self.phase = Phase.IDLE
         self.abandoned = False
+        self.began = 0  # transactions of this request that began (it reached the database)
         self.committed = 0  # transactions of this request that committed
         self.unknown = False  # a COMMIT was sent and its outcome never came back
         self._connection: asyncpg.Connection | None = None
@@ -75,6 +76,7 @@ class WriteGate:
         if self.abandoned:
             raise Abandoned
         self.phase, self._connection = Phase.OPEN, con
+        self.began += 1
 
     def _committing(self) -> None:
         if self.abandoned:

@@ -30,6 +30,10 @@ class Answer:
     authenticated: bool = False  # the request's MAC verified
 
 
+class _GivenUp(Exception):
+    pass
+
+
 def _retrieve(work: asyncio.Future[Response | None]) -> None:
     """A request given up at its deadline ends on its own: take its exception so that
     asyncio does not report it as never retrieved."""
@@ -120,9 +124,9 @@ class FrameHandler:
                           listener=self.listener, mti=fields.get("t"), trace=fields.get("11"))
                 return None, True
         try:
-            response = work.result()
-        except gate.Abandoned:
-            return None, True  # its connection closed before it could write
+            response = self._result(work, write_gate)
+        except _GivenUp:
+            return None, True  # its connection closed before it could write: nobody to answer
         except Exception as exc:
             if write_gate.settled:
                 metrics.UNANSWERED.labels("failure_after_commit").inc()
@@ -134,8 +138,20 @@ class FrameHandler:
             else:
                 log.exception("request failed", listener=self.listener, mti=fields.get("t"))
             return error_response(fields, codes.SYSTEM_MALFUNCTION), False
-        self.health.ok()
+        if write_gate.began:  # it reached the database: an outage, if there was one, is over
+            self.health.ok()
         return response, False
+
+    @staticmethod
+    def _result(work: asyncio.Future[Response | None], write_gate: gate.WriteGate) -> Response | None:
+        """The request's response; _GivenUp when it failed because it was abandoned
+        (its database connection cut, or refused a transaction), not because of a fault."""
+        try:
+            return work.result()
+        except Exception:
+            if write_gate.abandoned:
+                raise _GivenUp from None
+            raise
 
     def _encode(self, response: Response, envelope: object) -> bytes | None:
         reply = getattr(envelope, "reply", None)
