@@ -31,8 +31,9 @@ import structlog
 
 from ..logs import mask_pan
 from . import audit
+from .holds import _UPSTREAM_ACCOUNT
 from .model import CompleteUpstream, Operation, Outcome, RequestKey
-from .service import _UPSTREAM_ACCOUNT, Ledger
+from .service import Ledger
 
 log = structlog.get_logger("pointswitch.saf")
 

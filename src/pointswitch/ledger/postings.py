@@ -1,0 +1,132 @@
+"""Postings made at the terminal: inquiry, accrual, redemption, void and refund.
+
+Each runs inside the transaction :meth:`Ledger._posting` opened (or, for an
+inquiry, one of its own), after the context was read.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import structlog
+
+from .core import (
+    LedgerCore,
+    _auth_code,
+    _now,
+    cash_value_fen,
+    clawback_due,
+    earned_points,
+    points_for_value,
+)
+from .model import Inquire, Operation, Outcome, Posting, Status
+
+log = structlog.get_logger("pointswitch.ledger")
+
+
+class PostingSteps(LedgerCore):
+    async def _inquire(self, cmd: Inquire) -> Outcome:
+        card_index = self._vault.card_index(cmd.card_number)
+        pin_refusal = await self._pins.check(cmd.card_number, card_index, cmd.pin) if cmd.pin_required else None
+        async with self._transaction() as con:
+            ctx = await self._context(con, cmd, card_index)
+            if isinstance(ctx, Outcome):
+                return ctx
+            if ctx["card_status"] is None:
+                return Outcome(Status.UNKNOWN_CARD, rrn=ctx["rrn"], host_time=_now())
+            if ctx["card_status"] != "active":
+                return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
+            if pin_refusal:
+                return Outcome(pin_refusal, rrn=ctx["rrn"], host_time=_now())
+        balance = ctx["points_balance"]
+        return Outcome(
+            Status.APPROVED, points_balance=balance,
+            cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]),
+            rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(),
+        )
+
+    async def _accrue(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=True)
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        points = earned_points(cmd.amount_fen, ctx["earn_rate"])
+        moved = await self._move_card(con, ctx["card_index"], points)
+        assert moved is not None
+        outcome = self._approved(ctx, points, moved[1])
+        request_id = await self._log(con, ctx, cmd, outcome)
+        await self._post(con, request_id, "accrue", ctx["issued_account_id"], moved[2], points)
+        return outcome
+
+    async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=True)
+        if problem is None and cmd.pin_required:
+            problem = cmd.pin_refusal
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        points = points_for_value(cmd.amount_fen, ctx["redeem_value"])
+        moved = await self._move_card(con, ctx["card_index"], -points)
+        if moved is None:
+            return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
+        outcome = self._approved(ctx, points, moved[1])
+        request_id = await self._log(con, ctx, cmd, outcome)
+        await self._post(con, request_id, "redeem", moved[2], ctx["redeemed_account_id"], points)
+        return outcome
+
+    async def _void(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=False)
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        assert cmd.original is not None
+        of_accrual = cmd.operation is Operation.VOID_ACCRUAL
+        target = Operation.ACCRUE if of_accrual else Operation.REDEEM
+        orig = await self._original(con, cmd, cmd.original)
+        if (orig is None or orig["state"] == "placeholder" or orig["operation"] != target.value
+                or orig["card_index"] != ctx["card_index"]
+                or (cmd.original.rrn and orig["rrn"] != cmd.original.rrn)):
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_FOUND)
+        if (orig["state"] != "approved" or orig["voided_by"] is not None
+                or orig["reversed_at"] is not None or orig["batch"] != cmd.key.batch
+                or orig["refunded_fen"] > 0):
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_ELIGIBLE)
+        if orig["amount_fen"] != cmd.amount_fen:
+            return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
+        points = orig["points"]
+        moved = await self._move_card(con, ctx["card_index"], -points if of_accrual else points)
+        if moved is None:
+            return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
+        outcome = self._approved(ctx, points, moved[1])
+        request_id = await self._log(con, ctx, cmd, outcome, original_id=orig["request_id"])
+        if of_accrual:
+            await self._post(con, request_id, "void", moved[2], orig["issued_account_id"], points)
+        else:
+            await self._post(con, request_id, "void", orig["redeemed_account_id"], moved[2], points)
+        await con.execute("UPDATE requests SET voided_by = $2 WHERE request_id = $1", orig["request_id"], request_id)
+        return outcome
+
+    async def _refund(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
+        problem = self._card_problem(ctx, cmd, spending=False)
+        if problem:
+            return await self._decline(con, ctx, cmd, problem)
+        assert cmd.original is not None
+        orig = await self._original(con, cmd, cmd.original)
+        if (orig is None or orig["state"] == "placeholder" or orig["operation"] != Operation.ACCRUE.value
+                or orig["card_index"] != ctx["card_index"]):
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_FOUND)
+        if orig["state"] != "approved" or orig["voided_by"] is not None or orig["reversed_at"] is not None:
+            return await self._decline(con, ctx, cmd, Status.ORIGINAL_NOT_ELIGIBLE)
+        if cmd.amount_fen > orig["amount_fen"] - orig["refunded_fen"]:
+            return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
+        due = clawback_due(orig["points"], orig["amount_fen"], orig["refunded_fen"] + cmd.amount_fen,
+                           orig["clawed_points"])
+        moved = await self._move_card(con, ctx["card_index"], -due, cap=True)
+        assert moved is not None
+        taken = -moved[0]
+        outcome = self._approved(ctx, taken, moved[1])
+        request_id = await self._log(con, ctx, cmd, outcome, original_id=orig["request_id"], shortfall=due - taken)
+        await self._post(con, request_id, "refund", moved[2], orig["issued_account_id"], taken)
+        await con.execute(
+            "UPDATE requests SET refunded_fen = refunded_fen + $2, clawed_points = clawed_points + $3"
+            " WHERE request_id = $1", orig["request_id"], cmd.amount_fen, taken,
+        )
+        if due > taken:
+            log.warning("refund clawback short", shortfall_points=due - taken, terminal=cmd.terminal_id)
+        return outcome
