@@ -18,6 +18,8 @@ that accepts connections and never reads from them.
 The simulator keeps a ledger of what it credited or collected; tests read it
 (``net_fen``, ``entries``) and operators can have it appended to a JSON-lines
 file (``ledger_file``), so anyone can prove each cash-out was paid exactly once.
+A host started again on the same file reads it back first: what it credited,
+reversed, or was asked to reverse before it saw it survives a crash or restart.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ class HostSimulator:
 
     # -- life cycle ------------------------------------------------------------
     async def start(self) -> HostSimulator:
+        self._read_ledger()
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if not self.reading:  # a small window: a client's writes stall after a few kilobytes
@@ -153,6 +156,30 @@ class HostSimulator:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(self.tls_client_ca)
         return context
+
+    def _read_ledger(self) -> None:
+        """Take back what an earlier run on the same ledger file credited and reversed, so
+        that a restarted host neither credits a reference twice nor answers 25 to the
+        reversal of a credit it made before it stopped."""
+        if self.ledger_file is None or not self.ledger_file.exists():
+            return
+        text = self.ledger_file.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # a line cut short by a crash: end it before appending
+            with open(self.ledger_file, "a", encoding="utf-8") as f:
+                f.write("\n")
+        for line in text.splitlines():
+            try:
+                item = json.loads(line)
+                what, rrn = item["what"], str(item["rrn"])
+                if what == "credit":
+                    self.entries[rrn] = Entry(item["kind"], rrn, str(item["trace"]), int(item["amount_fen"]),
+                                              str(item["account"]), str(item["at"]))
+                elif what == "reversal" and rrn in self.entries:
+                    self.entries[rrn].reversed = True
+                elif what == "reversal_unseen":
+                    self._reversed_unseen.add(rrn)
+            except (ValueError, KeyError, TypeError):
+                continue  # the cut line
 
     # -- what it holds -----------------------------------------------------------
     def net_fen(self) -> int:
@@ -275,7 +302,9 @@ class HostSimulator:
         if rc != "00":
             log.info("host simulator: reversal refused", kind=self.kind, rrn=rrn, rc=rc)
         elif entry is None:
-            self._reversed_unseen.add(rrn)
+            if rrn not in self._reversed_unseen:
+                self._reversed_unseen.add(rrn)
+                self._append_unseen(fields)
             rc = "25"  # original not found: nothing to undo (and a late original will be declined)
         elif not entry.reversed:
             entry.reversed = True
@@ -291,6 +320,16 @@ class HostSimulator:
             with open(self.ledger_file, "a", encoding="utf-8") as f:
                 account = mask_pan(entry.account) if self.kind == "bank" else entry.account
                 f.write(json.dumps({"what": what, **entry.__dict__, "account": account}) + "\n")
+
+
+    def _append_unseen(self, fields: Fields) -> None:
+        """A reversal for a reference never credited: remembered in the ledger file too, so that a
+        late original is declined also after a restart."""
+        if self.ledger_file is not None:
+            with open(self.ledger_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"what": "reversal_unseen", "kind": self.kind, "rrn": fields.get("37", ""),
+                                    "trace": fields.get("11", ""), "amount_fen": int(fields.get("4", "0") or 0),
+                                    "at": datetime.now(UTC).isoformat(timespec="seconds")}) + "\n")
 
 
 def _other(value: str) -> str:
