@@ -41,7 +41,7 @@ class FuzzStats:
 
 class Fuzzer:
     def __init__(self, port: int, merchant_id: str, terminals: dict[str, bytes], cards: list[str], pin: str,
-                 rng: random.Random, *, frames: int, max_rate: float, progress: Progress, workers: int = 3) -> None:
+                 rng: random.Random, *, frames: int, max_rate: float, progress: Progress, workers: int = 4) -> None:
         self.port = port
         self.merchant_id = merchant_id
         self.terminals = terminals
@@ -200,7 +200,7 @@ class Fuzzer:
         self.stats.connections += 1
         drain = asyncio.get_running_loop().create_task(self._drain(reader))
         try:
-            for _ in range(self.rng.randint(1, 40)):
+            for _ in range(self.rng.randint(1, 100)):
                 if self._stop or self.stats.frames >= self._allowed():
                     break
                 kind, data, go_on = self.frame()
@@ -216,7 +216,7 @@ class Fuzzer:
                     break
                 if self.max_rate:
                     await asyncio.sleep(self.workers / self.max_rate)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
         except (OSError, ConnectionError, RuntimeError):  # RuntimeError: uvloop's closed transport
             self.stats.closed_by_switch += 1
         finally:
