@@ -39,6 +39,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ from typing import Any
 
 from campaign.common import CampaignError, free_port, say
 from campaign.fuzz import Fuzzer
-from campaign.processes import Postgres, Processes, Sampler, Service, interruptible
+from campaign.processes import Postgres, Processes, Sampler, Service, install_interrupt_handlers, interruptible
 from campaign.reconcile import Reconciliation, drained, reconcile
 from campaign.schedule import FaultPlan, Injector
 from campaign.terminals import CampaignTerminal, Entry, Progress, Rates, Stats, summary, write_journal
@@ -95,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-stops", type=int, help="SIGSTOP of every PostgreSQL process, then SIGCONT")
     p.add_argument("--pg-stop-s", type=float, default=REQUEST_TIMEOUT_S + 1.5,
                    help=f"how long PostgreSQL stays stopped (default {REQUEST_TIMEOUT_S + 1.5:g} s, longer than the"
-                        f" switch's request_timeout_s = {REQUEST_TIMEOUT_S:g})")
+                        f" switch's request_timeout_s = {REQUEST_TIMEOUT_S:g}); every second stop lasts the terminals'"
+                        " timeout + 3 s, and every second kill of PostgreSQL keeps it down the timeout + 1 s, so that"
+                        " reversals meet outages too")
     p.add_argument("--bank-kills", type=int, help="kill -9 of the bank simulator, restarted on the same journal")
     p.add_argument("--mid-frame-drops", type=int, help="connections that send half a frame and hang up")
     p.add_argument("--fuzz-frames", type=int, help="fuzzed frames to send (0: no fuzzer)")
@@ -327,11 +330,15 @@ async def load_under_faults(args: argparse.Namespace, s: Setup) -> LoadResult:
         fuzzer = Fuzzer(s.switch.port, MERCHANT, s.fuzz_terminals, s.fuzz_cards, PIN, random.Random(rng.random()),
                         frames=args.fuzz_frames, max_rate=args.fuzz_rate, progress=progress)
     plan = FaultPlan(args.switch_kills, args.pg_kills, args.pg_stops, args.bank_kills, args.mid_frame_drops,
-                     pg_stop_s=args.pg_stop_s)
+                     pg_stop_s=args.pg_stop_s, pg_stop_long_s=args.timeout + 3.0, pg_down_long_s=args.timeout + 1.0)
     injector = Injector(plan, s.postgres, s.switch, [s.bank, s.insurer], terminals, fuzzer, progress,
                         random.Random(rng.random()))
     sampler = Sampler(s.switch, s.postgres)
     loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C: the load is cancelled, then everything cleaned up
+        loop.add_signal_handler(sig, main_task.cancel)
     stop_sampling = asyncio.Event()
 
     async def sample() -> None:
@@ -479,6 +486,9 @@ def verdicts(rec: Reconciliation, check: dict[str, Any], load: LoadResult, left:
         value = str(n)
         if category == "card_balance":
             value = f"{n} (points lost {rec.points_lost}, doubled {rec.points_doubled})"
+        if category == "contradiction" and n:
+            pairs = Counter(f"{e.answers[0]} then {e.answers[-1]}" for e in load.journal if e.contradiction)
+            value = f"{n} ({', '.join(f'{k}: {v}' for k, v in pairs.most_common())})"
         if category == "stuck":
             value = (f"{n} (pending requests {rec.pending_requests}, upstream reversals pending"
                      f" {rec.pending_reversals} expired {rec.expired_reversals})")
@@ -536,9 +546,10 @@ def render(args: argparse.Namespace, s: Setup, load: LoadResult, rec: Reconcilia
         + " ".join(f"{k}:{v}" for k, v in sorted(load.stats.sign_ons.items()))
         + f" (late answers discarded {load.stats.late_answers})",
         f"  {'faults: switch kill -9 + restart':<{width}} {inj.done['switch_kill']}",
-        f"  {'faults: PostgreSQL kill -9 + restart':<{width}} {inj.done['pg_kill']}",
-        f"  {'faults: PostgreSQL SIGSTOP':<{width}} {inj.done['pg_stop']} (each {args.pg_stop_s:g} s;"
-        f" request_timeout_s {REQUEST_TIMEOUT_S:g})",
+        f"  {'faults: PostgreSQL kill -9 + restart':<{width}} {inj.done['pg_kill']} (down 0.5 s, every second one"
+        f" {args.timeout + 1.0:g} s)",
+        f"  {'faults: PostgreSQL SIGSTOP':<{width}} {inj.done['pg_stop']} ({args.pg_stop_s:g} s, every second one"
+        f" {args.timeout + 3.0:g} s; request_timeout_s {REQUEST_TIMEOUT_S:g}, terminals' timeout {args.timeout:g} s)",
         f"  {'faults: bank simulator kill -9 + restart':<{width}} {inj.done['bank_kill']}",
         f"  {'faults: connections dropped mid-frame':<{width}} {inj.done['mid_frame_drop']}"
         f" ({info['dropped_mid_frame']} by terminals, {fz.stats.half_frames if fz else 0} raw)",
@@ -598,8 +609,13 @@ def campaign(args: argparse.Namespace, folder: Path, procs: Processes) -> tuple[
         loop_factory: Any = uvloop.new_event_loop
     except ImportError:  # pragma: no cover
         loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        load = runner.run(load_under_faults(args, s))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            load = runner.run(load_under_faults(args, s))
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
+    finally:
+        install_interrupt_handlers()
     say("stopping the switch and the hosts (SIGTERM)")
     exit_codes = {"switch": s.switch.stop(), "bank": s.bank.stop(), "insurer": s.insurer.stop()}
     check = ledger_check(s, procs)

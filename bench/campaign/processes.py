@@ -402,15 +402,22 @@ def _compare(first: list[Sample], last: list[Sample]) -> dict[str, float]:
     }
 
 
+def _to_interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def install_interrupt_handlers() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (again after an event loop, which leaves SIGTERM
+    at its default, removed its own handlers)."""
+    return {sig: signal.signal(sig, _to_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Ctrl-C and SIGTERM end the campaign through its cleanup (SIGINT too when started in the
-    background, where the shell ignores it)."""
-
-    def to_interrupt(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, to_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    background, where the shell ignores it). While the load's event loop runs, its own handlers
+    cancel the load instead (see bench/faults.py)."""
+    previous = install_interrupt_handlers()
     try:
         yield
     finally:

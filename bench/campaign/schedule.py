@@ -28,6 +28,10 @@ class FaultPlan:
     bank_kills: int = 1
     mid_frame_drops: int = 8
     pg_stop_s: float = 3.5  # longer than the switch's request_timeout_s
+    # Every second stop, and every second kill of PostgreSQL, lasts longer than the terminals' timeout:
+    # reversals then meet the outage too (answered 96 or not at all) and must be repeated.
+    pg_stop_long_s: float = 8.0
+    pg_down_long_s: float = 6.0
     bank_down_s: float = 1.0
 
     def events(self) -> list[tuple[float, str]]:
@@ -94,17 +98,20 @@ class Injector:
         self._healed(fault, f"switch started again on the same data (pid {self.switch.pid})")
 
     async def pg_kill(self) -> None:
+        down_s = self.plan.pg_down_long_s if self.done["pg_kill"] % 2 else 0.5
         pid = await asyncio.to_thread(self.postgres.kill9)
-        fault = self._record("pg_kill", f"kill -9 of the PostgreSQL postmaster (pid {pid}); its processes are gone")
-        await asyncio.sleep(0.5)
+        fault = self._record("pg_kill", f"kill -9 of the PostgreSQL postmaster (pid {pid}); its processes are gone;"
+                                        f" started again after {down_s:g} s")
+        await asyncio.sleep(down_s)
         await asyncio.to_thread(self.postgres.restart)
         self._healed(fault, f"PostgreSQL started again (postmaster pid {self.postgres.postmaster_pid()})")
 
     async def pg_stop(self) -> None:
+        stop_s = self.plan.pg_stop_long_s if self.done["pg_stop"] % 2 else self.plan.pg_stop_s
         pids = self.postgres.sigstop()
-        fault = self._record("pg_stop", f"SIGSTOP of {len(pids)} PostgreSQL processes for {self.plan.pg_stop_s:g} s")
+        fault = self._record("pg_stop", f"SIGSTOP of {len(pids)} PostgreSQL processes for {stop_s:g} s")
         try:
-            await asyncio.sleep(self.plan.pg_stop_s)
+            await asyncio.sleep(stop_s)
         finally:
             self.postgres.sigcont()
         self._healed(fault, "SIGCONT")

@@ -348,9 +348,16 @@ class CampaignTerminal:
         that promised nothing was done, the request processed now."""
         try:
             client = await self.ready()
+        except StopTerminal:
+            return  # not sent: the terminal has its answer
+        try:
             reply = await client.send(dict(fields))
-        except (*WIRE_ERRORS, StopTerminal):
-            return  # the terminal has its answer already
+        except WIRE_ERRORS:
+            if entry.final in NOTHING_DONE:  # this time it may have been processed: unknown, so reverse it
+                entry.answers.append("none")
+                self._timed_out(client)
+                await self._reverse(entry, fields)
+            return  # after an answer that is kept under the key, a repeat changes nothing
         first = entry.final
         if reply.rc == "A0":
             entry.answers.append(reply.rc)
