@@ -487,7 +487,8 @@ def verdicts(rec: Reconciliation, check: dict[str, Any], load: LoadResult, left:
         if category == "card_balance":
             value = f"{n} (points lost {rec.points_lost}, doubled {rec.points_doubled})"
         if category == "contradiction" and n:
-            pairs = Counter(f"{e.answers[0]} then {e.answers[-1]}" for e in load.journal if e.contradiction)
+            pairs = Counter(f"{e.answers[0]} then {e.answers[-1]}" for e in load.journal
+                            if e.contradiction and e.op != "inquiry")
             value = f"{n} ({', '.join(f'{k}: {v}' for k, v in pairs.most_common())})"
         if category == "stuck":
             value = (f"{n} (pending requests {rec.pending_requests}, upstream reversals pending"

@@ -367,6 +367,8 @@ class CampaignTerminal:
             self._answered(entry, reply.rc, reply.fields)
             return
         entry.answers.append(reply.rc)
+        if entry.op == "inquiry":  # not kept under a key: each one is answered afresh (a new 37, 38)
+            return
         same = reply.rc == first and (first != "00" or (reply.fields.get("37", "") == entry.rrn
                                                           and reply.fields.get("38", "") == entry.auth))
         if not same:
