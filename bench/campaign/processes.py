@@ -67,7 +67,12 @@ class Postgres:
         self._server = EmbeddedServer(self.folder)
         self.dsn = self._server.start()
         self.bin_dir = self._server.bin_dir
-        self.system_user = self._server._server.system_user
+        # Run as root, the package runs the server as a user of its own, which owns the folder.
+        owner = self.pgdata.stat().st_uid
+        if os.geteuid() == 0 and owner != 0:
+            import pwd
+
+            self.system_user = pwd.getpwuid(owner).pw_name
         query = parse_qs(urlsplit(self.dsn).query)
         self.socket_dir = query.get("host", [""])[0]
         self.note()
@@ -180,9 +185,10 @@ class Postgres:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             wait_gone(pids, 10.0)
-        if self._server is not None:  # the package's own handle: nothing left for it to stop at exit
+        handles = getattr(getattr(self._server, "_server", None), "global_process_id_list", None)
+        if handles is not None:  # the package's own handle: nothing left for it to stop at exit
             with contextlib.suppress(Exception):
-                self._server._server.global_process_id_list.get_and_remove(os.getpid())
+                handles.get_and_remove(os.getpid())
 
     def left_behind(self) -> list[int]:
         return [p for p in self.seen if _alive(p)]
