@@ -4,6 +4,7 @@
     python3 dev.py demo     the switch on an embedded PostgreSQL, with the demo scenario
     python3 dev.py test     lint and the whole test suite
     python3 dev.py bench    the benchmark (bench/throughput.py)
+    python3 dev.py faults   the fault campaign (bench/faults.py; --short, --long, --help)
     python3 dev.py -- ARGS  any pointswitch command, e.g. python3 dev.py -- serve
 
 Creates .venv/ beside this file on first use (and again when pyproject.toml
@@ -65,6 +66,8 @@ def main(argv: list[str]) -> int:
         return 0
     if what == "bench":
         return run(str(BIN / "python"), "bench/throughput.py", *rest)
+    if what == "faults":
+        return run(str(BIN / "python"), "bench/faults.py", *rest)
     if what == "--":
         return run(str(BIN / "pointswitch"), *rest)
     print(__doc__)
