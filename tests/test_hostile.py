@@ -309,7 +309,7 @@ async def test_a_connection_that_never_authenticates_gets_the_short_idle_timeout
             assert not real.closed_by_peer
 
 
-async def test_past_the_global_in_flight_cap_requests_get_96_at_once_and_post_nothing(switch, network):
+async def test_past_the_global_in_flight_cap_requests_are_refused_at_once_and_post_nothing(switch, network):
     card = network.cards[0]
     async with guarded_switch(switch, max_requests_in_flight=2) as running:
         terms = [on(running, network.terminal(0, sign_on=i == 0), "cup") for i in range(4)]
@@ -318,14 +318,19 @@ async def test_past_the_global_in_flight_cap_requests_get_96_at_once_and_post_no
             t.trace = i * 100
             t.pik, t.mak = terms[0].pik, terms[0].mak  # one terminal, one session, several connections
         try:
+            for t in terms:
+                t.timeout_s = 2.0
             sends = [t.accrue(card, 100) for t in terms for _ in range(8)]
-            replies = await asyncio.gather(*sends)
+            inquiries = [terms[0].inquiry(card) for _ in range(8)]
+            replies = await asyncio.gather(*sends, return_exceptions=True)
+            inquired = await asyncio.gather(*inquiries, return_exceptions=True)
         finally:
             for t in terms:
                 await t.close()
-    rcs = [r.rc for r in replies]
-    assert set(rcs) <= {"00", "96"} and "96" in rcs
-    assert await network.balance(card) == rcs.count("00"), "a 96 posted nothing"
+    rcs = [r.rc if not isinstance(r, BaseException) else "none" for r in replies]
+    assert set(rcs) <= {"00", "none"} and "none" in rcs, "past the cap: no answer for a request with a key"
+    assert await network.balance(card) == rcs.count("00"), "what got no answer posted nothing"
+    assert {r.rc for r in inquired if not isinstance(r, BaseException)} <= {"00", "96"}
 
 
 async def test_a_peer_that_does_not_read_its_answers_stops_being_read(switch, network):

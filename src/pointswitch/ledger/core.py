@@ -241,7 +241,7 @@ class LedgerCore:
             return Status.TERMINAL_DISABLED
         return None
 
-    async def _stored(self, cmd: Posting) -> Outcome | None:
+    async def stored(self, cmd: Posting) -> Outcome | None:
         """The answer already given under this request's key, if there is one."""
         async with self._pool.acquire() as con:
             taken = await con.fetchval("SELECT 1 FROM requests WHERE request_key = $1", str(cmd.key))

@@ -45,6 +45,9 @@ class WriteGate:
         self.phase = Phase.IDLE
         self.abandoned = False
         self.began = 0  # transactions of this request that began (it reached the database)
+        # Its request key was looked up and found free: a 96 cannot hide an earlier
+        # attempt of the same request that committed (a retransmission's original).
+        self.key_checked = False
         self.committed = 0  # transactions of this request that committed
         self.unknown = False  # a COMMIT was sent and its outcome never came back
         self._connection: asyncpg.Connection | None = None

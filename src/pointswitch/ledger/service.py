@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from . import gate
 from .core import _KeyTaken, cash_value_fen, clawback_due, earned_points, points_for_cash, points_for_value
 from .model import CompleteUpstream, DropSession, Inquire, Operation, Outcome, Posting, PromoteKeys, Reverse, SignOn
 from .postings import PostingSteps
@@ -37,12 +38,13 @@ class Ledger(PostingSteps, ReversalSteps):
 
     async def _posting(self, cmd: Posting) -> Outcome:
         card_index = self._vault.card_index(cmd.card_number)
-        if cmd.pin_required:
-            # A retransmission is answered from the log and costs no PIN try; the
-            # check itself runs before the transaction, holding no connection.
-            stored = await self._stored(cmd)
-            if stored is not None:
-                return stored
+        # A retransmission is answered from the log (and costs no PIN try). Knowing the
+        # key is free is also what lets a later 96 be true: no earlier attempt committed.
+        stored = await self.stored(cmd)
+        if stored is not None:
+            return stored
+        gate.current().key_checked = True
+        if cmd.pin_required:  # the check runs before the transaction, holding no connection
             cmd = replace(cmd, pin_refusal=await self._pins.check(cmd.card_number, card_index, cmd.pin))
         try:
             async with self._transaction() as con:

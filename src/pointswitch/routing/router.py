@@ -227,6 +227,13 @@ class Router:
         """Hold the points, send the second leg, then post or release. Nothing is held
         when the host is unreachable; an unanswered leg is released and reversed."""
         if not connector.available:
+            # A retransmission is answered with what happened to its original (which
+            # may have been paid) before the host's absence is: 91 means nothing held.
+            stored = await self._ledger.stored(command)
+            if stored is not None:
+                if stored.status is Status.PENDING:
+                    return await self._wait_for_completion(command, connector.response_timeout_s + 1)
+                return stored
             log.warning("upstream host unavailable", connector=connector.name, terminal=command.terminal_id)
             return Outcome(Status.UPSTREAM_UNAVAILABLE, host_time=_now())
         leg = legs.second_leg(insurance=insurance, counterparty=command.counterparty, amount_fen=command.amount_fen,

@@ -34,6 +34,13 @@ class _GivenUp(Exception):
     pass
 
 
+def _keyed(fields: dict[str, str]) -> bool:
+    """A request with an idempotency key (terminal, batch, trace): every financial
+    request but a balance inquiry. A retransmission of it must never be answered 96
+    after its original committed."""
+    return fields.get("t") in ("0200", "0220", "0400", "0420") and not fields.get("3", "").startswith("31")
+
+
 def _retrieve(work: asyncio.Future[Response | None]) -> None:
     """A request given up at its deadline ends on its own: take its exception so that
     asyncio does not report it as never retrieved."""
@@ -58,12 +65,17 @@ class FrameHandler:
         self.health = health or DatabaseHealth()
 
     def overloaded(self, frame: bytes, peer: str = "") -> Answer:
-        """The answer when too many requests are in progress: 96 at once, nothing routed."""
+        """When too many requests are in progress: 96 at once, nothing routed; none at all for a
+        request with a key (it may retransmit one that committed: its terminal reverses it)."""
         started = time.perf_counter()
         try:
             message = self.dialect.decode(frame)
         except DecodeFailure:
             return Answer(None, answerable=False)
+        if _keyed(message.fields):  # it may be the retransmission of something that committed
+            self._log(message.fields, None, started, peer, op="overloaded")
+            metrics.UNANSWERED.labels("overloaded").inc()
+            return Answer(None, answerable=True)
         response = error_response(message.fields, codes.SYSTEM_MALFUNCTION)
         self._log(message.fields, response, started, peer, op="overloaded")
         if response is None:
@@ -110,6 +122,8 @@ class FrameHandler:
         if not done:
             if write_gate.abandon():
                 work.cancel()
+                if _keyed(fields) and not write_gate.key_checked:
+                    return self._unanswered(fields, "key_unknown")
                 log.error("request timed out before it could commit: answered 96", listener=self.listener,
                           timeout_s=self.request_timeout_s)
                 return error_response(fields, codes.SYSTEM_MALFUNCTION), False
@@ -137,10 +151,21 @@ class FrameHandler:
                 self.health.failed(exc)
             else:
                 log.exception("request failed", listener=self.listener, mti=fields.get("t"))
+            if _keyed(fields) and not write_gate.key_checked:
+                return self._unanswered(fields, "key_unknown")
             return error_response(fields, codes.SYSTEM_MALFUNCTION), False
         if write_gate.began:  # it reached the database: an outage, if there was one, is over
             self.health.ok()
         return response, False
+
+    def _unanswered(self, fields: dict[str, str], reason: str) -> tuple[None, bool]:
+        """No answer: a 96 could be a lie, since an earlier attempt of this request may
+        have committed and its stored outcome could not be read."""
+        metrics.UNANSWERED.labels(reason).inc()
+        log.warning("request not answered: whether an earlier attempt of it committed is unknown (the"
+                    " terminal's reversal or retransmission settles it)", listener=self.listener,
+                    mti=fields.get("t"), trace=fields.get("11"))
+        return None, True
 
     @staticmethod
     def _result(work: asyncio.Future[Response | None], write_gate: gate.WriteGate) -> Response | None:

@@ -19,7 +19,9 @@ log = structlog.get_logger("pointswitch.switch")
 
 # What a database that is down, stopped, hung or restarting raises.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,  # includes "cannot connect now" (starting up, shutting down)
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,  # starting up, shutting down, recovering
+    asyncpg.InternalClientError,  # a pooled connection whose server died mid-operation
     asyncpg.InterfaceError,  # includes "connection does not exist" / "connection was closed"
     asyncpg.TooManyConnectionsError,
     asyncpg.QueryCanceledError,  # statement timeout
