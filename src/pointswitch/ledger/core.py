@@ -242,17 +242,21 @@ class LedgerCore:
         return None
 
     async def stored(self, cmd: Posting) -> Outcome | None:
-        """The answer already given under this request's key, if there is one."""
-        async with self._pool.acquire() as con:
-            taken = await con.fetchval("SELECT 1 FROM requests WHERE request_key = $1", str(cmd.key))
-        return await self._replay(cmd.key, self._fingerprint(cmd)) if taken else None
+        """The answer already given under this request's key, if there is one (one read)."""
+        return await self._lookup(cmd.key, self._fingerprint(cmd))
 
     async def _replay(self, key: RequestKey, fingerprint: bytes | None) -> Outcome:
+        outcome = await self._lookup(key, fingerprint)
+        assert outcome is not None, "a taken key has a row"
+        return outcome
+
+    async def _lookup(self, key: RequestKey, fingerprint: bytes | None) -> Outcome | None:
         async with self._pool.acquire() as con:
             row = await con.fetchrow(
                 "SELECT fingerprint, state, outcome FROM requests WHERE request_key = $1", str(key)
             )
-        assert row is not None, "a taken key has a row"
+        if row is None:
+            return None
         if row["state"] == "placeholder":
             return Outcome(Status.ALREADY_REVERSED, host_time=_now())
         if fingerprint is not None and bytes(row["fingerprint"]) != fingerprint:

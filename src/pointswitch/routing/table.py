@@ -75,6 +75,13 @@ NETWORK: dict[tuple[str, str], Route] = {
 REQUEST_MTIS = {"0200", "0220", "0400", "0420", "0500", "0320", "0800", "0820"}
 
 
+def has_request_key(fields: dict[str, str]) -> bool:
+    """Whether a request is kept under an idempotency key (terminal, batch, trace):
+    every financial request but a balance inquiry. A retransmission of one must never
+    be answered 96 after its original committed."""
+    return fields.get("t") in ("0200", "0220", "0400", "0420") and not fields.get("3", "").startswith("31")
+
+
 def response_mti(mti: str) -> str | None:
     """The MTI that answers ``mti`` (request + 10), or None when ``mti`` is not a
     request (a response or an unknown class cannot be answered)."""

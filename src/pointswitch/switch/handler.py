@@ -17,6 +17,7 @@ from ..codecs import DecodeFailure, Dialect, EncodeFailure
 from ..ledger import gate
 from ..logs import mask_pan, masked_fields
 from ..routing import ListenerPolicy, Origin, Response, Router, codes, error_response
+from ..routing.table import has_request_key
 from . import metrics
 from .health import DATABASE_ERRORS, DatabaseHealth
 
@@ -32,13 +33,6 @@ class Answer:
 
 class _GivenUp(Exception):
     pass
-
-
-def _keyed(fields: dict[str, str]) -> bool:
-    """A request with an idempotency key (terminal, batch, trace): every financial
-    request but a balance inquiry. A retransmission of it must never be answered 96
-    after its original committed."""
-    return fields.get("t") in ("0200", "0220", "0400", "0420") and not fields.get("3", "").startswith("31")
 
 
 def _retrieve(work: asyncio.Future[Response | None]) -> None:
@@ -72,7 +66,7 @@ class FrameHandler:
             message = self.dialect.decode(frame)
         except DecodeFailure:
             return Answer(None, answerable=False)
-        if _keyed(message.fields):  # it may be the retransmission of something that committed
+        if has_request_key(message.fields):  # it may be the retransmission of something that committed
             self._log(message.fields, None, started, peer, op="overloaded")
             metrics.UNANSWERED.labels("overloaded").inc()
             return Answer(None, answerable=True)
@@ -122,7 +116,7 @@ class FrameHandler:
         if not done:
             if write_gate.abandon():
                 work.cancel()
-                if _keyed(fields) and not write_gate.key_checked:
+                if has_request_key(fields) and not write_gate.key_checked:
                     return self._unanswered(fields, "key_unknown")
                 log.error("request timed out before it could commit: answered 96", listener=self.listener,
                           timeout_s=self.request_timeout_s)
@@ -151,7 +145,7 @@ class FrameHandler:
                 self.health.failed(exc)
             else:
                 log.exception("request failed", listener=self.listener, mti=fields.get("t"))
-            if _keyed(fields) and not write_gate.key_checked:
+            if has_request_key(fields) and not write_gate.key_checked:
                 return self._unanswered(fields, "key_unknown")
             return error_response(fields, codes.SYSTEM_MALFUNCTION), False
         if write_gate.began:  # it reached the database: an outage, if there was one, is over
