@@ -6,7 +6,10 @@ Each command runs in one PostgreSQL transaction. The order of work inside a
 transaction is the same everywhere, which keeps lock order fixed (request row,
 then card row) and so keeps deadlocks away:
 
-1. read the context (terminal, merchant, card) and draw a retrieval reference;
+1. read the context (terminal, merchant, card), draw a retrieval reference and
+   take the business date (``business_date_now()``: a shared lock that a day's
+   cut-off waits for; the terminal row is key-share locked, which a batch
+   settlement waits for);
 2. decide; move the card's balance with a conditional UPDATE (the row lock
    serialises concurrent requests on one card);
 3. insert the request-log row under its idempotency key; if the key is taken
@@ -63,12 +66,18 @@ SELECT t.status AS terminal_status, t.merchant_id, t.current_batch,
        m.issued_account_id, m.redeemed_account_id,
        c.status AS card_status, c.account_id AS card_account_id, c.points_balance,
        c.pin_hash, c.pin_locked, $2::text AS card_index,
-       lpad(nextval('rrn_seq')::text, 12, '0') AS rrn
+       lpad(nextval('rrn_seq')::text, 12, '0') AS rrn,
+       business_date_now() AS business_date
 FROM terminals t
 JOIN merchants m USING (merchant_id)
 LEFT JOIN cards c ON c.card_index = $2
 WHERE t.terminal_id = $1
+FOR KEY SHARE OF t
 """
+
+# Every transaction that posts asks for the business date first (before any row
+# lock), so that a day's cut-off, which waits for them, never joins a lock cycle.
+_BUSINESS_DATE = "SELECT business_date_now()"
 
 _MOVE_CARD = """
 UPDATE cards SET points_balance = points_balance + $2, updated_at = now()
@@ -138,6 +147,11 @@ def clawback_due(points: int, amount_fen: int, refunded_fen_after: int, clawed_p
 
 def _now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _day(ctx: asyncpg.Record) -> str:
+    """The business date of a request's context (ISO), for the outcome."""
+    return ctx["business_date"].isoformat() if ctx["business_date"] is not None else ""
 
 
 def _auth_code() -> str:
@@ -306,7 +320,8 @@ class LedgerCore:
 
     async def _decline(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting,
                        status: Status, balance: int | None = None) -> Outcome:
-        outcome = Outcome(status, rrn=ctx["rrn"], host_time=_now(), points_balance=balance)
+        outcome = Outcome(status, rrn=ctx["rrn"], host_time=_now(), points_balance=balance,
+                          business_date=_day(ctx))
         await self._log(con, ctx, cmd, outcome)
         return outcome
 
@@ -314,7 +329,7 @@ class LedgerCore:
         return Outcome(
             Status.APPROVED, points_moved=points, points_balance=balance,
             cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]),
-            rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(),
+            rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(), business_date=_day(ctx),
         )
 
     def _card_problem(self, ctx: asyncpg.Record, cmd: Posting, *, spending: bool) -> Status | None:

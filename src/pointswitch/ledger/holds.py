@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
-from .core import LedgerCore, _auth_code, _now, cash_value_fen, points_for_cash
+from .core import _BUSINESS_DATE, LedgerCore, _auth_code, _day, _now, cash_value_fen, points_for_cash
 from .model import CompleteUpstream, Operation, Outcome, Posting, Status
 
 log = structlog.get_logger("pointswitch.ledger")
@@ -46,7 +46,7 @@ class HoldSteps(LedgerCore):
             return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
         outcome = Outcome(Status.PENDING, points_moved=points, points_balance=moved[1],
                           cash_value_fen=cash_value_fen(moved[1], ctx["redeem_value"]), rrn=ctx["rrn"],
-                          host_time=_now())
+                          host_time=_now(), business_date=_day(ctx))
         request_id = await self._log(con, ctx, cmd, outcome)
         await con.execute(
             "UPDATE requests SET upstream_connector = $2, upstream_reference = $3, reversal_sealed = $4,"
@@ -62,6 +62,7 @@ class HoldSteps(LedgerCore):
         A request sent upstream and left unanswered also gets its reversal queued,
         in the same transaction that gives the points back."""
         async with self._transaction() as con:
+            day = await con.fetchval(_BUSINESS_DATE)  # first, as every posting transaction: lock order
             row = await con.fetchrow(
                 "SELECT r.*, m.redeem_value_fen_per_point AS redeem_value FROM requests r"
                 " JOIN merchants m USING (merchant_id) WHERE r.request_key = $1 FOR UPDATE OF r", str(cmd.key),
@@ -78,7 +79,7 @@ class HoldSteps(LedgerCore):
                                              row["card_index"])
                 outcome = Outcome(Status.APPROVED, points_moved=points, points_balance=balance,
                                   cash_value_fen=cash_value_fen(balance, row["redeem_value"]), rrn=row["rrn"],
-                                  auth_code=_auth_code(), host_time=_now(),
+                                  auth_code=_auth_code(), host_time=_now(), business_date=day.isoformat(),
                                   extra={"upstream_reference": cmd.upstream_reference})
                 if row["reversal_requested"]:  # the terminal reversed it while it was in flight
                     await self._queue_reversal(con, row, "terminal_reversal", points)
@@ -90,7 +91,8 @@ class HoldSteps(LedgerCore):
                     cmd.result, Status.UPSTREAM_TIMEOUT)
                 outcome = Outcome(status, points_balance=moved[1],
                                   cash_value_fen=cash_value_fen(moved[1], row["redeem_value"]), rrn=row["rrn"],
-                                  host_time=_now(), extra={"upstream_rc": cmd.upstream_rc})
+                                  host_time=_now(), business_date=day.isoformat(),
+                                  extra={"upstream_rc": cmd.upstream_rc})
                 if cmd.result in ("timeout", "lost"):
                     await self._queue_reversal(con, row, cmd.result, 0)
             await con.execute(

@@ -279,6 +279,7 @@ class Outcome:
     auth_code: str = ""
     batch: int | None = None
     host_time: str = ""  # ISO 8601, UTC; kept so that a replay is identical
+    business_date: str = ""  # ISO date of the business day the request was posted on
     replayed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     key_exchange: KeyExchange | None = field(default=None, repr=False)

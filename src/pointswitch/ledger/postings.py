@@ -12,6 +12,7 @@ import structlog
 from .core import (
     LedgerCore,
     _auth_code,
+    _day,
     _now,
     cash_value_fen,
     clawback_due,
@@ -41,7 +42,7 @@ class PostingSteps(LedgerCore):
         return Outcome(
             Status.APPROVED, points_balance=balance,
             cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]),
-            rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(),
+            rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(), business_date=_day(ctx),
         )
 
     async def _accrue(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import asyncpg
 import structlog
 
-from .core import _ORIGINAL, _now, cash_value_fen
+from .core import _ORIGINAL, _day, _now, cash_value_fen
 from .holds import HoldSteps
 from .model import UPSTREAM_OPERATIONS, Operation, Outcome, Reverse, Status
 
@@ -26,7 +26,7 @@ class ReversalSteps(HoldSteps):
             outcome = Outcome(
                 Status.APPROVED, points_balance=balance,
                 cash_value_fen=None if balance is None else cash_value_fen(balance, ctx["redeem_value"]),
-                rrn=ctx["rrn"], host_time=_now(),
+                rrn=ctx["rrn"], host_time=_now(), business_date=_day(ctx),
             )
             # A reversal for a key never seen: acknowledge it and remember it,
             # so that the late original finds the key taken and is not posted. No

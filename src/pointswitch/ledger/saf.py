@@ -31,6 +31,7 @@ import structlog
 
 from ..logs import mask_pan
 from . import audit
+from .core import _BUSINESS_DATE
 from .holds import _UPSTREAM_ACCOUNT
 from .model import CompleteUpstream, Operation, Outcome, RequestKey
 from .service import Ledger
@@ -106,6 +107,7 @@ class ReversalQueue:
         to the card; returns how many (0 when none were waiting, or the reversal was
         already acknowledged or resolved by an operator: never twice)."""
         async with self._pool.acquire() as con, con.transaction():
+            await con.fetchval(_BUSINESS_DATE)  # before any row lock, as every posting transaction
             row = await self._locked(con, reversal_id)
             if row is None or row["state"] not in _OPEN:
                 return 0
@@ -227,6 +229,7 @@ class ReversalQueue:
         if outcome not in OUTCOMES:
             raise ReversalError(f"the outcome is {' or '.join(OUTCOMES)}, not {outcome!r}")
         async with self._pool.acquire() as con, con.transaction():
+            await con.fetchval(_BUSINESS_DATE)  # before any row lock, as every posting transaction
             row = await self._locked(con, reversal_id)
             self._check_open(row, reversal_id, "resolve")
             assert row is not None

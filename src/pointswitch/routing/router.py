@@ -349,7 +349,9 @@ class Router:
                     KeyBlock(kx.tdk.under_tmk, kx.tdk.check_value) if kx.tdk else None,
                 ).hex().upper()
             return Response(fields, op=route.op.value)
-        fields["15"] = host_time.strftime("%m%d")
+        # 15: the business day the request belongs to (past the cut-off: the next one).
+        fields["15"] = outcome.business_date[5:7] + outcome.business_date[8:10] if outcome.business_date \
+            else host_time.strftime("%m%d")
         if outcome.rrn:
             fields["37"] = outcome.rrn
         if outcome.approved and outcome.auth_code:
