@@ -16,7 +16,7 @@ import structlog
 
 from .codecs import dialect, framing
 from .config import Config, ListenerConfig
-from .ledger import Ledger, Operation, UsageRule
+from .ledger import Ledger, Operation, UsageRule, days
 from .ledger.database import (
     CONNECT_ERRORS,
     DatabaseStartError,
@@ -28,6 +28,7 @@ from .ledger.database import (
 )
 from .ledger.identity import IdentityBlocks
 from .ledger.saf import ReversalQueue
+from .ledger.scheduler import DayCloser
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
 from .routing import ListenerPolicy, Router
 from .routing.table import Op
@@ -121,6 +122,7 @@ class Running:
     pool: asyncpg.Pool
     connectors: dict[str, Connector]
     forwarder: ReversalForwarder
+    closer: DayCloser
 
     def address(self, listener: str) -> tuple[str, int]:
         host, port = self.switch.bound[listener]
@@ -143,6 +145,11 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
                         session_cache_size=sec.session_cache_size,
                         acquire_timeout_s=config.database.command_timeout_s)
         await ledger.start(lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
+        async with pool.acquire() as con:  # the database's calendar follows the settings
+            await days.set_calendar(con, config.day.cutoff_time(), config.day.time_zone)
+        closer = DayCloser(pool, ledger, grace_s=config.day.close_grace_s, interval_s=config.day.check_interval_s,
+                           clearing_dir=config.clearing_dir, lock_timeout_ms=config.day.cutoff_lock_timeout_ms,
+                           attempts=config.day.cutoff_attempts)
         guard = PeerGuard(sec, config.limits)
         health = DatabaseHealth()
         queue = ReversalQueue(ledger)
@@ -157,6 +164,8 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         for connector in connectors.values():
             connector.start()
         forwarder.start()
+        if config.day.auto_close:
+            closer.start()
         listeners = [
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
@@ -170,10 +179,11 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         try:
             await switch.start()
             try:
-                yield Running(switch, ledger, pool, connectors, forwarder)
+                yield Running(switch, ledger, pool, connectors, forwarder, closer)
             finally:
                 await switch.stop()
         finally:
+            await closer.stop()
             await forwarder.stop()
             for connector in connectors.values():
                 await connector.stop()

@@ -22,9 +22,13 @@ Every limit is a named setting with a default (see docs/operator.md)::
     [cash_out]
     points_per_yuan = "100"
 
+    [day]                      # the business day (docs/operator.md, "The day's timeline")
+    cutoff = "23:00"
+    time_zone = "Asia/Shanghai"
+
 Environment: POINTSWITCH_CONFIG (file), POINTSWITCH_DSN, POINTSWITCH_DATA_DIR,
 POINTSWITCH_LOG_LEVEL, POINTSWITCH_MASTER_KEY (hex), and POINTSWITCH_LIMITS_<NAME>,
-POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME> for any single setting of
+POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME>, POINTSWITCH_DAY_<NAME> for any single setting of
 those sections.
 """
 
@@ -35,6 +39,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -206,6 +211,39 @@ class ConnectorConfig:
 
 
 @dataclass
+class DayConfig:
+    """The business day: when it ends, and what closing it does."""
+
+    cutoff: str = "23:00"  # local time a business day ends; a request after it belongs to the next day
+    time_zone: str = "Asia/Shanghai"
+    auto_close: bool = True  # serve closes each day itself, close_grace_s after its cut-off
+    close_grace_s: float = 600.0  # time for late answers and reversals to land before the day is cleared
+    check_interval_s: float = 30.0  # how often serve looks for a day to close
+    clearing_dir: str = ""  # where the clearing files go; default: <data_dir>/clearing
+    cutoff_lock_timeout_ms: int = 250  # a cut-off holds postings up at most this long at a time ...
+    cutoff_attempts: int = 400  # ... and tries this many times
+
+    def validate(self) -> None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            self.cutoff_time()
+        except ValueError:
+            raise ConfigError(f"day.cutoff is a time HH:MM, not {self.cutoff!r}") from None
+        try:
+            ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"day.time_zone: unknown time zone {self.time_zone!r}") from None
+        if self.close_grace_s < 0 or self.check_interval_s <= 0:
+            raise ConfigError("day.close_grace_s >= 0 and day.check_interval_s > 0")
+        if self.cutoff_lock_timeout_ms < 10 or self.cutoff_attempts < 1:
+            raise ConfigError("day.cutoff_lock_timeout_ms >= 10 and day.cutoff_attempts >= 1")
+
+    def cutoff_time(self) -> time:
+        return time.fromisoformat(self.cutoff)
+
+
+@dataclass
 class UsageConfig:
     """Points spent outside the network: the rate, fee and limits of one kind of usage."""
 
@@ -232,6 +270,7 @@ class Config:
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
+    day: DayConfig = field(default_factory=DayConfig)
     log_level: str = "info"
 
     @property
@@ -241,6 +280,10 @@ class Config:
         import platformdirs
 
         return Path(platformdirs.user_data_dir("pointswitch"))
+
+    @property
+    def clearing_dir(self) -> Path:
+        return Path(self.day.clearing_dir).expanduser() if self.day.clearing_dir else self.data_dir / "clearing"
 
 
 def _coerce(kind: Any, value: Any, what: str) -> Any:
@@ -280,7 +323,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "log_level"}
+                          "metrics", "day", "log_level"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -307,12 +350,14 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.database, raw.get("database", {}), "database")
     _apply(config.security, raw.get("security", {}), "security")
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
+    _apply(config.day, raw.get("day", {}), "day")
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
     # Environment overrides the file.
     prefix_sections = {"POINTSWITCH_LIMITS_": ("limits", config.limits),
                        "POINTSWITCH_DATABASE_": ("database", config.database),
-                       "POINTSWITCH_SECURITY_": ("security", config.security)}
+                       "POINTSWITCH_SECURITY_": ("security", config.security),
+                       "POINTSWITCH_DAY_": ("day", config.day)}
     for name, value in env.items():
         for prefix, (section, obj) in prefix_sections.items():
             if name.startswith(prefix):
@@ -345,4 +390,5 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"[{section}] points_per_yuan: {usage.points_per_yuan!r} is not a number") from None
         if rate <= 0 or usage.fee_points < 0 or usage.min_amount_fen < 1 or usage.daily_limit_fen < 0:
             raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
+    config.day.validate()
     return config

@@ -144,3 +144,39 @@ def with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) 
     finally:
         if embedded:
             embedded.stop()
+
+
+def with_ledger(args: argparse.Namespace, fn: Callable[[Any, config_mod.Config], Awaitable[Any]],
+                errors: tuple[type[Exception], ...] = ()) -> Any:
+    """Run ``fn(ledger, config)`` against the configured database (migrated): for
+    commands that move points or close days, in transactions of their own. An error
+    of ``errors`` ends the command with its message on stderr, exit code 1."""
+    from ..app import database
+    from ..ledger import Ledger
+    from ..ledger.database import DatabaseStartError
+    from ..ledger.vault import VaultError
+
+    cfg = config(args)
+    logs.configure("warning")
+    if cfg.database.dsn:
+        vault(cfg, False)
+    dsn, embedded = resolve_dsn(cfg)
+    the_vault = vault(cfg, embedded is not None)
+
+    async def run() -> Any:
+        async with database(cfg, dsn, the_vault) as pool:
+            ledger = Ledger(pool, the_vault, pin_workers=1)
+            try:
+                return await fn(ledger, cfg)
+            finally:
+                ledger.close()
+
+    try:
+        return asyncio.run(run())
+    except (VaultError, *errors) as exc:
+        sys.exit(f"pointswitch: {exc}")
+    except DatabaseStartError as exc:
+        sys.exit(f"pointswitch: cannot start: {exc}")
+    finally:
+        if embedded:
+            embedded.stop()

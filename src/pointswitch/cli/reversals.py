@@ -11,12 +11,9 @@ gives points back through the same code as the host's acknowledgement.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .. import logs
 from . import common
 from .admin import admin_cmd
 
@@ -24,35 +21,11 @@ STATES = ("pending", "expired", "acknowledged", "resolved")
 
 
 def _with_queue(args: argparse.Namespace, fn: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Run ``fn(queue)`` against the configured database (migrated), like ``common.with_db``
-    but with a pool: the queue's ledger moves points in transactions of its own."""
-    from ..app import database
-    from ..ledger import Ledger
+    """Run ``fn(queue)`` against the configured database: the queue's ledger moves
+    points in transactions of its own."""
     from ..ledger.saf import ReversalError, ReversalQueue
-    from ..ledger.vault import VaultError
 
-    cfg = common.config(args)
-    logs.configure("warning")
-    if cfg.database.dsn:
-        common.vault(cfg, False)
-    dsn, embedded = common.resolve_dsn(cfg)
-    vault = common.vault(cfg, embedded is not None)
-
-    async def run() -> Any:
-        async with database(cfg, dsn, vault) as pool:
-            ledger = Ledger(pool, vault, pin_workers=1)
-            try:
-                return await fn(ReversalQueue(ledger))
-            finally:
-                ledger.close()
-
-    try:
-        return asyncio.run(run())
-    except (ReversalError, VaultError) as exc:
-        sys.exit(f"pointswitch: {exc}")
-    finally:
-        if embedded:
-            embedded.stop()
+    return common.with_ledger(args, lambda ledger, _cfg: fn(ReversalQueue(ledger)), (ReversalError,))
 
 
 def cmd_reversals(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from ..codecs import crypto
-from . import audit
+from . import audit, days
 from .carddata import mask_card
 from .cards import add_card, add_cards_in_bulk, set_card_status, set_pin, show_card, unlock_pin
 from .errors import AdminError
@@ -226,6 +226,10 @@ async def check_invariants(con: asyncpg.Connection) -> list[str]:
     )
     if unposted:
         problems.append(f"{unposted} approved requests that moved points have no posting")
+    undated = await con.fetchval("SELECT count(*) FROM postings WHERE business_date IS NULL")
+    if undated:
+        problems.append(f"{undated} postings have no business date")
+    problems += await days.verify_days(con)
     return problems
 
 

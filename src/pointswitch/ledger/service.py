@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -35,6 +36,10 @@ class Ledger(PostingSteps, ReversalSteps):
             Reverse: self._reverse,
             CompleteUpstream: self._complete_upstream,
         }
+
+    async def expire_due(self, day: date, *, chunk: int = 500) -> dict[str, int]:
+        """Expire the lots due by ``day`` (points lots: not built yet; nothing expires)."""
+        return {"points": 0, "cards": 0}
 
     async def _posting(self, cmd: Posting) -> Outcome:
         card_index = self._vault.card_index(cmd.card_number)
