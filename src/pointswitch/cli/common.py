@@ -171,9 +171,10 @@ def with_ledger(args: argparse.Namespace, fn: Callable[[Any, config_mod.Config],
             finally:
                 ledger.close()
 
+    expected: tuple[type[Exception], ...] = (VaultError, *errors)
     try:
         return asyncio.run(run())
-    except (VaultError, *errors) as exc:
+    except expected as exc:
         sys.exit(f"pointswitch: {exc}")
     except DatabaseStartError as exc:
         sys.exit(f"pointswitch: cannot start: {exc}")
