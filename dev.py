@@ -5,6 +5,7 @@
     python3 dev.py test     lint and the whole test suite
     python3 dev.py bench    the benchmark (bench/throughput.py)
     python3 dev.py faults   the fault campaign (bench/faults.py; --short, --long, --help)
+    python3 dev.py close-bench   what closing a day of 1M postings costs (bench/close_day.py)
     python3 dev.py -- ARGS  any pointswitch command, e.g. python3 dev.py -- serve
 
 Creates .venv/ beside this file on first use (and again when pyproject.toml
@@ -68,6 +69,8 @@ def main(argv: list[str]) -> int:
         return run(str(BIN / "python"), "bench/throughput.py", *rest)
     if what == "faults":
         return run(str(BIN / "python"), "bench/faults.py", *rest)
+    if what == "close-bench":
+        return run(str(BIN / "python"), "bench/close_day.py", *rest)
     if what == "--":
         return run(str(BIN / "pointswitch"), *rest)
     print(__doc__)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from time import monotonic as time_monotonic
 from typing import Any, Protocol
 
 import asyncpg
@@ -133,11 +134,14 @@ async def _close(pool: asyncpg.Pool, expirer: Expirer, day: date | None, *, by: 
             report["file"] = str(write_csv(clearing_dir, report))
         return Closed(report, changed=False)
     _check_closable(cal, target, await _previous_state(pool, cal, target))
+    clock = _Stopwatch()
     if state is None:
         await _cut_off(pool, target, forced=target >= cal.open_day, lock_timeout_ms=lock_timeout_ms,
                        max_attempts=max_attempts)
+    clock.lap("cut_off")
     expired = await expirer.expire_due(target)
-    report = await _clear(pool, target, by=by, expired=expired)
+    clock.lap("expiry")
+    report = await _clear(pool, target, by=by, expired=expired, clock=clock)
     if clearing_dir is not None:
         report["file"] = str(write_csv(clearing_dir, report))
     log.info("business day closed", business_date=target.isoformat(), postings=report["postings"],
@@ -221,7 +225,21 @@ def _fen(points: int, rate: Decimal) -> int:
     return int((Decimal(points) * rate).to_integral_value(ROUND_HALF_UP))
 
 
-async def _clear(pool: asyncpg.Pool, day: date, *, by: str | None, expired: dict[str, int]) -> dict[str, Any]:
+class _Stopwatch:
+    """How long each step of a close took (milliseconds), kept in the day's report."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, int] = {}
+        self._last = time_monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time_monotonic()
+        self.laps[name] = round((now - self._last) * 1000)
+        self._last = now
+
+
+async def _clear(pool: asyncpg.Pool, day: date, *, by: str | None, expired: dict[str, int],
+                 clock: _Stopwatch) -> dict[str, Any]:
     async with pool.acquire() as con, con.transaction():
         state = await con.fetchval("SELECT state FROM business_days WHERE business_date = $1 FOR UPDATE", day)
         if state == "closed":  # closed meanwhile by another process
@@ -273,6 +291,8 @@ async def _clear(pool: asyncpg.Pool, day: date, *, by: str | None, expired: dict
             "points_outstanding": outstanding, "postings": check["n"], "checksum": checksum,
         }
         assert report["sum_net_fen"] == 0, "a day's positions sum to zero by construction"
+        clock.lap("clearing")
+        report["timings_ms"] = clock.laps
         for p in positions:
             await con.execute(
                 "INSERT INTO clearing_positions (business_date, party, kind, points_issued, points_redeemed,"
