@@ -53,13 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_CHUNK = 100_000
+
 _JOURNAL = """
 INSERT INTO requests (request_key, operation, state, status, terminal_id, merchant_id, card_index,
                       amount_fen, points, batch, trace, outcome, business_date)
 SELECT 'bench:' || g, CASE WHEN g % 5 = 0 THEN 'redeem' ELSE 'accrue' END, 'approved', 'approved',
        'BENCH' || lpad((g % $2)::text, 3, '0'), 'BM' || lpad((g % $2)::text, 13, '0'),
        c.card_index, 1000, 10, 1, g % 1000000, '{}'::jsonb, $3
-FROM generate_series(1, $1) g
+FROM generate_series($5::bigint, $1) g
 JOIN (SELECT card_index, row_number() OVER (ORDER BY card_index) - 1 AS n FROM cards) c ON c.n = (g / 5) % $4
 """
 
@@ -90,7 +92,9 @@ async def seed(pool: Any, vault: Any, args: argparse.Namespace) -> Any:
                                      redeem_value="1")
         await admin.add_cards_in_bulk(con, vault, 6288000000000000, args.cards, "123456")
         started = time.monotonic()
-        await con.execute(_JOURNAL, args.postings, args.merchants, day, args.cards)
+        for first in range(1, args.postings + 1, _CHUNK):
+            last = min(first + _CHUNK - 1, args.postings)
+            await con.execute(_JOURNAL, last, args.merchants, day, args.cards, first)
         await con.execute(_POSTINGS)
         await con.execute(_BALANCES)
         lots = await con.fetchval("SELECT to_regclass('point_lots') IS NOT NULL")
@@ -114,6 +118,7 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     cfg = Config()
     cfg.database.data_dir = str(folder)
+    cfg.database.command_timeout_s = 3600.0  # writing the journal in bulk takes minutes
     server = EmbeddedServer(folder)
     dsn = server.start()
     try:

@@ -46,6 +46,10 @@ from . import audit
 
 log = structlog.get_logger("pointswitch.ledger.days")
 
+# A close reads a whole day's journal: minutes for tens of millions of postings,
+# far beyond the pool's per-command timeout, which stays for everything else.
+DAY_QUERY_TIMEOUT_S = 1800.0
+
 _DAY_LOCK = 1886350433  # the business-date lock of business_date_now() ('pday')
 _CLOSER_LOCK = 1886350435  # one closer at a time, across processes
 
@@ -246,8 +250,9 @@ async def _clear(pool: asyncpg.Pool, day: date, *, by: str | None, expired: dict
             report = await _stored_report(con, day)
             assert report is not None
             return report
-        flows = {(r["kind"], r["owner"]): (r["inflow"], r["outflow"]) for r in await con.fetch(_FLOWS, day)}
-        paid = {r["owner"]: r["fen"] for r in await con.fetch(_PAID_OUT, day)}
+        rows = await con.fetch(_FLOWS, day, timeout=DAY_QUERY_TIMEOUT_S)
+        flows = {(r["kind"], r["owner"]): (r["inflow"], r["outflow"]) for r in rows}
+        paid = {r["owner"]: r["fen"] for r in await con.fetch(_PAID_OUT, day, timeout=DAY_QUERY_TIMEOUT_S)}
         merchants = await con.fetch(
             "SELECT merchant_id, issue_price_fen_per_point AS issue_price, redeem_value_fen_per_point AS redeem_value"
             " FROM merchants ORDER BY merchant_id")
@@ -279,7 +284,7 @@ async def _clear(pool: asyncpg.Pool, day: date, *, by: str | None, expired: dict
         expired_in, expired_out = flows.get(("operator", "expired"), (0, 0))
         card_in, card_out = flows.get(("card", ""), (0, 0))
         outstanding = await _outstanding(con, day, card_in - card_out)
-        check = await con.fetchrow(_CHECKSUM, day)
+        check = await con.fetchrow(_CHECKSUM, day, timeout=DAY_QUERY_TIMEOUT_S)
         checksum = f"{check['n']}:{check['points']}:{check['hash']}"
         report = {
             "business_date": day.isoformat(), "state": "closed",
@@ -327,7 +332,8 @@ async def _outstanding(con: asyncpg.Connection, day: date, card_net: int) -> int
         "SELECT coalesce(sum(CASE WHEN c.kind = 'card' THEN p.amount_points ELSE 0 END"
         "                  - CASE WHEN d.kind = 'card' THEN p.amount_points ELSE 0 END), 0)"
         " FROM postings p JOIN accounts c ON c.account_id = p.credit_account_id"
-        " JOIN accounts d ON d.account_id = p.debit_account_id WHERE p.business_date <= $1", day)
+        " JOIN accounts d ON d.account_id = p.debit_account_id WHERE p.business_date <= $1", day,
+        timeout=DAY_QUERY_TIMEOUT_S)
     return int(total)
 
 
@@ -375,7 +381,7 @@ async def verify_days(con: asyncpg.Connection) -> list[str]:
     """Closed days whose postings changed since they closed (empty: none)."""
     problems = []
     for row in await con.fetch("SELECT business_date, postings_checksum FROM business_days WHERE state = 'closed'"):
-        check = await con.fetchrow(_CHECKSUM, row["business_date"])
+        check = await con.fetchrow(_CHECKSUM, row["business_date"], timeout=DAY_QUERY_TIMEOUT_S)
         now = f"{check['n']}:{check['points']}:{check['hash']}"
         if now != row["postings_checksum"]:
             problems.append(f"closed business day {row['business_date']} changed: {row['postings_checksum']} -> {now}")
