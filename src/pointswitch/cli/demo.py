@@ -112,7 +112,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f" insurer host: collected {insurer.net_fen() / 100:.2f} yuan")
             print(f"card balance {card['points_balance']} points;",
                   "ledger invariants hold" if not problems else f"INVARIANTS BROKEN: {problems}")
-            return 0 if not problems else 1
+            closed = await end_of_day(running)
+            return 0 if not problems and closed["sum_net_fen"] == 0 else 1
+
+    async def end_of_day(running: Any) -> dict[str, Any]:
+        """The day ends: the business day is cut off and closed, its clearing printed."""
+        from ..ledger import days
+        from .days import clearing_text
+
+        print("\nend of day: the operator closes the business day (a forced cut-off)")
+        closed = await days.close_day(running.pool, running.ledger, by="demo", clearing_dir=data_dir / "clearing")
+        print(clearing_text(closed.report))
+        return closed.report
 
     try:
         return asyncio.run(run())
