@@ -205,8 +205,12 @@ def test_config_file_and_environment(tmp_path):
     defaults = config_mod.load(None, env={})
     assert [(lc.port, lc.dialect, lc.framing) for lc in defaults.listeners] == [
         (5000, "cup", "binary2"), (5001, "iso87", "ascii4")]
+    day = config_mod.load(None, env={"POINTSWITCH_DAY_CUTOFF": "00:00", "POINTSWITCH_DAY_TIME_ZONE": "UTC"}).day
+    assert (day.cutoff_time().hour, day.time_zone, defaults.day.cutoff, defaults.day.time_zone) == (
+        0, "UTC", "23:00", "Asia/Shanghai")
     for bad in ('[limits]\nmax_conections = 5\n', '[[listener]]\nname = "x"\nport = 1\ndialect = "x25"\n',
-                '[limits]\nmax_connections = "many"\n'):
+                '[limits]\nmax_connections = "many"\n', '[day]\ncutoff = "25:00"\n',
+                '[day]\ntime_zone = "Mars/Olympus"\n'):
         path.write_text(bad)
         with pytest.raises(config_mod.ConfigError):
             config_mod.load(path, env={})
