@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -162,11 +163,19 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def _interrupt(_sig: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM too: the PostgreSQL server and the folder are removed on the way out
+
+
 def main() -> int:
     args = build_parser().parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)
     folder = Path(tempfile.mkdtemp(prefix="pointswitch-close-"))
     try:
         result = asyncio.run(measure(args, folder))
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     t = result["timings_ms"]
