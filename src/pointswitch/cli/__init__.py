@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import admin, demo, reversals, run, sim
+from . import admin, batches, demo, reversals, run, sim
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run.add_parsers(sub)
     demo.add_parsers(sub)
-    reversals.add_parsers(admin.add_parsers(sub))
+    admin_sub = admin.add_parsers(sub)
+    reversals.add_parsers(admin_sub)
+    batches.add_parsers(admin_sub)
     sim.add_parsers(sub)
     return p
 
