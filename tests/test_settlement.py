@@ -268,3 +268,23 @@ async def test_settlements_of_one_terminal_are_rate_limited(switch, network):
             wrong_batch["48"] = SettlementTotals(TotalsBlock(), TotalsBlock()).render()
             codes.append((await term.send(wrong_batch, mac=False)).rc)
     assert codes[:6] == ["77"] * 6 and codes[6:] == ["65", "65"]
+
+
+def test_the_worked_example_of_the_integrator_guide_encodes_and_decodes():
+    """docs/integrator.md 3.14: the 0500 and the end of the upload, byte for byte."""
+    from pathlib import Path
+
+    from pointswitch.codecs import dialect, framing
+
+    cup, binary2 = dialect("cup"), framing("binary2")
+    doc = Path(__file__).parent.parent.joinpath("docs", "integrator.md").read_text()
+    settle = {"t": "0500", "11": "000009", "41": "T0000001", "42": "M00000000000001", "49": "156",
+              "48": SettlementTotals(TotalsBlock(51550, 2, 51250, 1), TotalsBlock()).render(), "60": "00000001201"}
+    end = {"t": "0320", "11": "000011", "41": "T0000001", "42": "M00000000000001", "48": "0002",
+           "60": "00000001207"}
+    for fields in (settle, end):
+        frame = binary2.frame(cup.encode(fields))
+        assert cup.decode(frame[2:]).fields == fields
+        text = frame.hex(" ").upper()
+        lines = [text[i:i + 48].strip() for i in range(0, len(text), 48)]
+        assert "\n".join(lines) in doc
