@@ -117,11 +117,16 @@ def test_serve_logs_one_line_per_listener_and_admin_works_while_it_runs(switch, 
         blocked = json.loads(_cli("admin", "card", "block", "6288881111222233334", "--json", *db, env=env).stdout)
         declined = _cli("sim", "terminal", "accrue", *sim, "--card", "6288881111222233334", "--amount", "1",
                         env=env, check=False)
+        settled = json.loads(_cli("sim", "terminal", "settle", *sim, env=env).stdout)
+        uploaded = json.loads(_cli("sim", "terminal", "upload", *sim, env=env).stdout)
+        next_batch = json.loads(_cli("sim", "terminal", "sign-on", *sim, env=env).stdout)
         check = _cli("admin", "check", "--json", *db, env=env)
     finally:
         code = server.stop()
     assert code == 0
     assert signed["rc"] == "00"
+    assert (settled["mti"], settled["rc"], uploaded["mti"], uploaded["rc"]) == ("0510", "00", "0330", "00")
+    assert next_batch["batch"] == "000002"
     assert (earned["rc"], earned["points_moved"], earned["points_balance"]) == ("00", 25, 25)
     assert (reversed_["rc"], reversed_["points_balance"]) == ("00", 0)
     assert card["points_balance"] == 0

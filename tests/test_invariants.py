@@ -37,6 +37,7 @@ class Model:
     def __init__(self) -> None:
         self.balance: dict[str, int] = {}
         self.txns: dict[tuple[str, int, int], dict] = {}
+        self.batch: dict[str, int] = {}  # each terminal's open batch (the switch's)
 
     @staticmethod
     def key(req: dict[str, str]) -> tuple[str, int, int]:
@@ -47,11 +48,14 @@ class Model:
         card = req["2"]
         bal = self.balance.setdefault(card, 0)
         k = self.key(req)
+        open_batch = self.batch.get(k[0], 1)
         if req["t"] == "0400":
-            return self._reverse(k, op, card)
-        if k in self.txns:  # retransmission
+            return "77" if k[1] != open_batch else self._reverse(k, op, card)
+        if k in self.txns:  # retransmission: answered from the log, whatever the batch
             t = self.txns[k]
             return "22" if t["state"] == "placeholder" else t["rc"]
+        if k[1] != open_batch:
+            return "77"  # not logged: nothing posted
         amount = int(req.get("4", "0"))
         t = {"op": op, "card": card, "amount": amount, "points": 0, "state": "declined",
              "voided": False, "reversed": False, "refunded": 0, "clawed": 0, "batch": k[1], "orig": None}
@@ -165,8 +169,10 @@ async def _run(switch, steps) -> None:
                 reply = await term.redeem(card, amount // 50)
             elif op == "inquiry":
                 reply = await term.inquiry(card)
-            elif op == "new_batch":
-                term.batch += 1
+            elif op == "new_batch":  # settle (the switch opens the next batch), sign on to learn it
+                await term.settle()
+                await term.sign_on()
+                model.batch[term.terminal_id] = term.batch
             elif past is None:
                 continue
             elif op == "void":

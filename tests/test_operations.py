@@ -135,10 +135,12 @@ async def test_void_declines(network, dialect):
         wrong_amount = term.request("void_accrual", card, 999,
                                     **{"61": "000001" + original.request["11"], "37": original.rrn})
         r_amount = await term.send(wrong_amount)
-        term.batch = 2
+        settled = await term.settle()  # the switch opens the next batch
+        await term.sign_on()
         r_batch = await term.void(original)
     assert r_unknown.rc == "25"
     assert r_amount.rc == "64"
+    assert settled.rc == "00" and r_batch.request["60"][2:8] == "000002"
     assert r_batch.rc == "22", "void must be in the same batch as its original"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import admin, days, demo, reversals, run, sim
+from . import admin, batches, days, demo, reversals, run, sim
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_sub = admin.add_parsers(sub)
     reversals.add_parsers(admin_sub)
     days.add_parsers(admin_sub)
+    batches.add_parsers(admin_sub)
     sim.add_parsers(sub)
     return p
 

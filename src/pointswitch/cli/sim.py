@@ -78,6 +78,7 @@ def cmd_sim_host(args: argparse.Namespace) -> int:
 
 
 def cmd_sim_terminal(args: argparse.Namespace) -> int:
+    from ..codecs.subfields import UploadRecord
     from ..simulators.journal import TerminalJournal
     from ..simulators.reply import mask_card
     from ..simulators.terminal import NoAnswer, Reply, TerminalClient, TerminalError, describe
@@ -104,6 +105,13 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
                                 tdk=key("tdk"), double_mak=args.double_mak,
                                 reversal_on_timeout=args.reversal_on_timeout, reversal_attempts=args.reversal_attempts,
                                 reversal_delay_s=args.reversal_delay, journal=journal)
+        # The terminal's batch store: its answered transactions of the open batch (from
+        # the history it keeps) and, after a settlement, what is left to upload.
+        client.batch_store = [Reply(h["request"], h["reply"]) for h in state["history"].values()
+                              if h["request"].get("60", "")[2:8] == f"{client.batch:06d}" and not h.get("reversed")]
+        if state.get("settled"):
+            batch, balanced, records = state["settled"]
+            client.settled = (batch, balanced, [UploadRecord(t, c, a) for t, c, a in records])
         async with client:
             try:
                 reply = await operation(client)
@@ -118,6 +126,13 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
             for name in ("pik", "mak", "tdk"):  # the terminal's working keys, kept like its secure memory
                 value = getattr(client, name)
                 state[name] = value.hex().upper() if value else None
+            if args.op == "settle" and reply.approved and client.settled is not None:
+                batch, balanced, records = client.settled
+                state["settled"] = [batch, balanced, [[r.trace, r.card_number, r.amount_fen] for r in records]]
+            if args.op == "upload" and reply.approved:
+                state.pop("settled", None)
+            if args.op == "reverse" and reply.approved and reply.request["11"] in state["history"]:
+                state["history"][reply.request["11"]]["reversed"] = True
             if reply.request.get("t") in ("0200", "0220"):
                 request = {k: v for k, v in reply.request.items() if k not in ("52", "64")}
                 state["history"][reply.request["11"]] = {"request": request, "reply": reply.fields}
@@ -149,6 +164,12 @@ def cmd_sim_terminal(args: argparse.Namespace) -> int:
             return await client.cash_out(args.card, args.amount, args.bank_card)
         if op == "insurance":
             return await client.insurance(args.card, args.amount, args.policy)
+        if op == "settle":
+            return await client.settle()
+        if op == "upload":
+            if client.settled is None:
+                sys.exit(f"pointswitch: nothing to upload: settle first ({state_file})")
+            return (await client.upload())[-1]  # the end message's answer
         original = state["history"].get(f"{int(args.trace):06d}")
         if original is None:
             sys.exit(f"pointswitch: no transaction with trace {args.trace} in {state_file}")
@@ -207,7 +228,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sim = sub.add_parser("sim", help="simulators").add_subparsers(dest="sim", required=True)
     st = sim.add_parser("terminal", help="a UnionPay-style POS terminal")
     st.add_argument("op", choices=["sign-on", "sign-off", "echo", "inquiry", "accrue", "redeem",
-                                   "cash-out", "insurance", "void", "refund", "reverse"])
+                                   "cash-out", "insurance", "void", "refund", "reverse", "settle", "upload"],
+                    help="settle: batch settlement (0500) with the terminal's own totals; upload: the settled"
+                         " batch's records (0320), then the end of the upload")
     st.add_argument("--host", default=os.environ.get("POINTSWITCH_HOST", "127.0.0.1"))
     st.add_argument("--port", type=int, default=5000)
     st.add_argument("--dialect", default="cup", choices=["cup", "iso87"])

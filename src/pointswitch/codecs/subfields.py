@@ -1,4 +1,4 @@
-"""Sub-field helpers for fields 60, 61, 54 and 48 (settlement totals).
+"""Sub-field helpers for fields 60, 61, 54 and 48 (settlement totals, batch upload).
 
 Pure functions over the decoded digit/text strings; each ``parse_*`` raises
 ``ValueError`` on a malformed value so the caller can answer 30.
@@ -6,7 +6,7 @@ Pure functions over the decoded digit/text strings; each ``parse_*`` raises
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 def _digits(value: str, what: str) -> str:
@@ -187,3 +187,64 @@ def parse_62(network_code: str, data: bytes, *, double_mak: bool = False
     mak = KeyBlock(mak_key, take(4))
     tdk = KeyBlock(take(tdk_len), take(4)) if tdk_len else None
     return pik, mak, tdk
+
+
+def with_results(totals: SettlementTotals, domestic: int, foreign: int) -> SettlementTotals:
+    """The totals with the result digit of each block set (1 balanced, 2 not)."""
+    return SettlementTotals(replace(totals.domestic, result=domestic), replace(totals.foreign, result=foreign))
+
+
+# -- field 48: batch upload ----------------------------------------------------------
+UPLOAD_RECORDS_PER_MESSAGE = 8
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One 40-digit record: card organisation n2 + trace n6 + card number n20 (left
+    zero-padded) + amount n12."""
+
+    trace: int
+    card_number: str
+    amount_fen: int
+    card_organisation: str = "00"
+
+    def render(self) -> str:
+        return f"{self.card_organisation}{self.trace:06d}{self.card_number.zfill(20)}{self.amount_fen:012d}"
+
+
+def render_48_upload(records: list[UploadRecord]) -> str:
+    """Record count n2 + the records (1 to 8)."""
+    if not 1 <= len(records) <= UPLOAD_RECORDS_PER_MESSAGE:
+        raise ValueError(f"a batch upload carries 1 to {UPLOAD_RECORDS_PER_MESSAGE} records")
+    return f"{len(records):02d}" + "".join(r.render() for r in records)
+
+
+def parse_48_upload(value: str) -> list[UploadRecord]:
+    _digits(value, "field 48")
+    if len(value) < 2:
+        raise ValueError("a batch upload starts with its record count (n2)")
+    count = int(value[:2])
+    if not 1 <= count <= UPLOAD_RECORDS_PER_MESSAGE:
+        raise ValueError(f"a batch upload carries 1 to {UPLOAD_RECORDS_PER_MESSAGE} records")
+    if len(value) != 2 + 40 * count:
+        raise ValueError(f"{count} upload records are {2 + 40 * count} digits")
+    records = []
+    for i in range(2, len(value), 40):
+        r = value[i : i + 40]
+        card = r[8:28].lstrip("0")
+        if not 12 <= len(card) <= 19:
+            raise ValueError("an upload record's card number is 12 to 19 digits")
+        records.append(UploadRecord(int(r[2:8]), card, int(r[28:40]), r[:2]))
+    return records
+
+
+def render_48_upload_end(records_sent: int) -> str:
+    return f"{records_sent:04d}"
+
+
+def parse_48_upload_end(value: str) -> int:
+    """The end of a batch upload: total records sent, n4."""
+    _digits(value, "field 48")
+    if len(value) != 4:
+        raise ValueError("the end of a batch upload carries the records sent (4 digits)")
+    return int(value)

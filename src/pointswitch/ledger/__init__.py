@@ -6,9 +6,11 @@ field number. Every operation enters through :meth:`Ledger.execute`.
 
 from .model import (
     UPSTREAM_OPERATIONS,
+    BatchTotals,
     Command,
     CompleteUpstream,
     DropSession,
+    EndUpload,
     Inquire,
     KeyExchange,
     KeyScheme,
@@ -20,10 +22,13 @@ from .model import (
     RequestKey,
     Reverse,
     Session,
+    SettleBatch,
     SignOn,
     Status,
     TerminalAuth,
     TerminalProfile,
+    UploadBatch,
+    UploadRecord,
     UpstreamLeg,
     UsageRule,
     WrappedKey,
@@ -32,6 +37,11 @@ from .service import Ledger
 
 __all__ = [
     "UPSTREAM_OPERATIONS",
+    "BatchTotals",
+    "EndUpload",
+    "SettleBatch",
+    "UploadBatch",
+    "UploadRecord",
     "Command",
     "CompleteUpstream",
     "UpstreamLeg",

@@ -46,6 +46,7 @@ from .model import (
     Posting,
     PromoteKeys,
     RequestKey,
+    Reverse,
     SignOn,
     Status,
     TerminalAuth,
@@ -107,8 +108,12 @@ FOR UPDATE OF r
 """
 
 # Declines that happen before a request can be attributed to a terminal and a
-# merchant are answered but not logged: the key does not belong to anyone.
-_UNLOGGED = {Status.UNKNOWN_TERMINAL, Status.TERMINAL_DISABLED, Status.WRONG_MERCHANT}
+# merchant are answered but not logged: the key does not belong to anyone. Nor is
+# a batch mismatch (77): its key names a batch that is not open, settled already
+# or not opened yet; logging it would take a key of a future batch (a later real
+# request under it would be answered with this decline) or add a row to a batch
+# whose totals are final.
+_UNLOGGED = {Status.UNKNOWN_TERMINAL, Status.TERMINAL_DISABLED, Status.WRONG_MERCHANT, Status.BATCH_MISMATCH}
 
 
 class _KeyTaken(Exception):
@@ -253,6 +258,11 @@ class LedgerCore:
             return Status.WRONG_MERCHANT
         if ctx["terminal_status"] != "active":
             return Status.TERMINAL_DISABLED
+        # The switch owns the batch. The terminal row is key-share locked by the
+        # context's read, so a settlement closing this batch waits for this
+        # transaction, and one that committed first is seen here.
+        if isinstance(cmd, Posting | Reverse) and cmd.key.batch != ctx["current_batch"]:
+            return Status.BATCH_MISMATCH
         return None
 
     async def stored(self, cmd: Posting) -> Outcome | None:

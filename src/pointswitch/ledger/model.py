@@ -35,6 +35,12 @@ class Status(StrEnum):
     LIMIT_EXCEEDED = "limit_exceeded"
     WRONG_LISTENER = "wrong_listener"  # the terminal's profile names another dialect or MAC method
     TOO_FREQUENT = "too_frequent"  # e.g. sign-ons past their rate limit
+    # The request names a batch that is not the terminal's open one (it was settled,
+    # or never opened): nothing is posted, the terminal signs on to learn its batch.
+    BATCH_MISMATCH = "batch_mismatch"
+    # A settlement or batch upload without a MAC from an address the terminal has not
+    # authenticated from (see routing.settlement): refused, nothing changed.
+    UNVERIFIED_PEER = "unverified_peer"
     # Points leaving through an upstream host.
     PENDING = "pending"  # held, the upstream leg is under way
     UPSTREAM_DECLINED = "upstream_declined"
@@ -267,6 +273,59 @@ class CompleteUpstream(Command):
     result: str
     upstream_rc: str = ""
     upstream_reference: str = ""
+
+
+@dataclass(frozen=True)
+class BatchTotals:
+    """What a batch adds up to (the settlement rule, docs/integrator.md): debits are
+    approved accruals, redemptions, cash-outs and premiums, gross; credits are approved
+    voids and refunds; reversed ones and everything else are left out. Amounts in fen."""
+
+    debit_amount_fen: int = 0
+    debit_count: int = 0
+    credit_amount_fen: int = 0
+    credit_count: int = 0
+
+
+@dataclass(frozen=True)
+class SettleBatch(Command):
+    """Close the terminal's open batch ``batch``, comparing its totals to the host's.
+
+    ``trace`` identifies the settlement message: the same trace for the batch just
+    closed is a retransmission, answered as before."""
+
+    batch: int
+    trace: int
+    totals: BatchTotals
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One transaction of a settled batch, as the terminal reports it."""
+
+    trace: int
+    card_number: str = field(repr=False)  # clear: the ledger keeps only its index and a masked form
+    amount_fen: int
+    card_organisation: str = "00"
+
+
+@dataclass(frozen=True)
+class UploadBatch(Command):
+    """Records of the batch just settled (``batch``), sent in a message with ``trace``."""
+
+    batch: int
+    trace: int
+    records: tuple[UploadRecord, ...]
+
+
+@dataclass(frozen=True)
+class EndUpload(Command):
+    """The terminal has sent ``records_sent`` records: reconcile them with the host's log."""
+
+    batch: int
+    trace: int
+    records_sent: int
+    terminal_agreed: bool  # 207: the settlement agreed; 202: it did not
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Each command runs in one PostgreSQL transaction (``core``: what the steps share,
 the order of work that keeps lock order fixed); the steps live by kind:
 ``postings`` (inquiry, accrual, redemption, void, refund), ``holds`` (points
-leaving through an upstream host), ``reversals``. Terminal keys and PINs are in
+leaving through an upstream host), ``reversals``, ``batches`` (settlement and
+batch upload). Terminal keys and PINs are in
 ``terminals`` and ``pins``.
 """
 
@@ -17,15 +18,29 @@ from typing import Any
 import asyncpg
 
 from . import gate
+from .batches import BatchSteps
 from .core import _KeyTaken, cash_value_fen, clawback_due, earned_points, points_for_cash, points_for_value
-from .model import CompleteUpstream, DropSession, Inquire, Operation, Outcome, Posting, PromoteKeys, Reverse, SignOn
+from .model import (
+    CompleteUpstream,
+    DropSession,
+    EndUpload,
+    Inquire,
+    Operation,
+    Outcome,
+    Posting,
+    PromoteKeys,
+    Reverse,
+    SettleBatch,
+    SignOn,
+    UploadBatch,
+)
 from .postings import PostingSteps
 from .reversals import ReversalSteps
 
 __all__ = ["Ledger", "cash_value_fen", "clawback_due", "earned_points", "points_for_cash", "points_for_value"]
 
 
-class Ledger(PostingSteps, ReversalSteps):
+class Ledger(PostingSteps, ReversalSteps, BatchSteps):
     def _command_handlers(self) -> dict[type, Callable[[Any], Awaitable[Outcome]]]:
         return {
             SignOn: self._sign_on,
@@ -35,6 +50,9 @@ class Ledger(PostingSteps, ReversalSteps):
             Posting: self._posting,
             Reverse: self._reverse,
             CompleteUpstream: self._complete_upstream,
+            SettleBatch: self._settle,
+            UploadBatch: self._upload,
+            EndUpload: self._end_upload,
         }
 
     async def expire_due(self, day: date, *, chunk: int = 500) -> dict[str, int]:

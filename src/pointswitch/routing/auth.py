@@ -46,6 +46,15 @@ class Guard(Protocol):
         """Count a MAC failure; True when the terminal's session must be dropped."""
         ...
 
+    def verified(self, terminal_id: str, peer: str) -> None:
+        """The terminal sent a message whose MAC verified, from ``peer``."""
+        ...
+
+    def settlement_refusal(self, terminal_id: str, peer: str, *, mac_verified: bool, settles: bool) -> Status | None:
+        """Why a batch settlement (``settles``) or upload is refused, or None: without a
+        MAC only from the peer the terminal last authenticated from; settlements rate-limited."""
+        ...
+
 
 class OpenGuard:
     """Counts nothing, refuses nothing: for routing used without a switch."""
@@ -55,6 +64,12 @@ class OpenGuard:
 
     def mac_failed(self, terminal_id: str, peer: str) -> bool:
         return False
+
+    def verified(self, terminal_id: str, peer: str) -> None:
+        return None
+
+    def settlement_refusal(self, terminal_id: str, peer: str, *, mac_verified: bool, settles: bool) -> Status | None:
+        return None
 
 
 def admit(auth: TerminalAuth | None, merchant_id: str, listener: ListenerPolicy) -> Status | None:

@@ -25,6 +25,7 @@ UPSTREAM_TIMEOUT = "98"
 NOT_ALLOWED_AT_TERMINAL = "58"
 RESTRICTED_CARD = "62"
 AMOUNT_DIFFERS = "64"
+BATCH_MISMATCH = "77"
 DUPLICATE = "94"
 SYSTEM_MALFUNCTION = "96"
 TERMINAL_NOT_REGISTERED = "97"
@@ -52,6 +53,9 @@ FOR_STATUS: dict[Status, str] = {
     Status.LIMIT_EXCEEDED: EXCEEDS_LIMIT,
     Status.WRONG_LISTENER: NOT_ALLOWED_AT_TERMINAL,
     Status.TOO_FREQUENT: EXCEEDS_FREQUENCY,
+    Status.BATCH_MISMATCH: BATCH_MISMATCH,
+    # Authentication failed (no MAC, and not from where the terminal authenticated).
+    Status.UNVERIFIED_PEER: MAC_ERROR,
     Status.PENDING: REQUEST_IN_PROGRESS,
     Status.UPSTREAM_DECLINED: NOT_HONOURED,
     Status.UPSTREAM_UNAVAILABLE: UPSTREAM_UNAVAILABLE,
@@ -62,7 +66,8 @@ FOR_STATUS: dict[Status, str] = {
 # means the same to the terminal; any other decline becomes 05.
 UPSTREAM_PASS_THROUGH = {"05", "13", "14", "54", "57", "61", "62", "65"}
 
-# Codes whose response asks a cup terminal to sign on again (header processing requirement 3).
-SIGN_ON_AGAIN = {MAC_ERROR}
+# Codes whose response asks a cup terminal to sign on again (header processing requirement 3):
+# a 77 sign-on gives the terminal its open batch (60.2 of the 0810).
+SIGN_ON_AGAIN = {MAC_ERROR, BATCH_MISMATCH}
 
 assert set(FOR_STATUS) == set(Status), "every ledger status has a response code"

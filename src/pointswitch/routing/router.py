@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime
 
 import structlog
@@ -53,10 +53,9 @@ from . import auth as auth_steps
 from . import codes, legs, table
 from .auth import Guard, OpenGuard, Origin
 from .legs import UpstreamLost, UpstreamPort, UpstreamTimeout, UpstreamUnavailable
+from .responses import ECHO, Response, error_response
+from .settlement import SETTLEMENT_OPS, SettlementRouter
 from .table import Op, Route
-
-# Fields a response copies from its request (PROTOCOL: the terminal checks 3, 4, 11, 41, 42).
-ECHO = ("2", "3", "4", "11", "22", "25", "32", "41", "42", "49", "60", "61")
 
 _OPERATION = {
     Op.ACCRUE: Operation.ACCRUE,
@@ -82,26 +81,6 @@ class FormatError(ValueError):
     """The message routes but its fields do not fit the operation: code 30."""
 
 
-@dataclass(frozen=True)
-class Response:
-    fields: Fields
-    processing_requirement: int = 0  # cup header: 3 = sign on again, ...
-    op: str = ""
-    sign: Callable[[bytes], bytes] | None = field(default=None, repr=False)  # computes field 64
-    authenticated: bool = False  # the request carried a MAC that verified
-
-
-def error_response(request: Fields, code: str) -> Response | None:
-    """A response carrying only ``code`` and the echoable fields, or None when the
-    request's MTI cannot be answered."""
-    mti = table.response_mti(request.get("t", ""))
-    if mti is None:
-        return None
-    fields = {k: request[k] for k in ECHO if k in request}
-    fields.update({"t": mti, "39": code})
-    return Response(fields, processing_requirement=3 if code in codes.SIGN_ON_AGAIN else 0)
-
-
 class Router:
     def __init__(self, ledger: Ledger, connectors: Mapping[Op, UpstreamPort] | None = None,
                  guard: Guard | None = None):
@@ -111,6 +90,7 @@ class Router:
         self._ledger = ledger
         self._connectors = dict(connectors or {})
         self._guard = guard or OpenGuard()
+        self._settlement = SettlementRouter(ledger, self._guard)
 
     async def handle(self, message: Message, origin: Origin) -> Response | None:
         """Answer one decoded request; None when it cannot be answered at all."""
@@ -131,6 +111,8 @@ class Router:
             return self._with_op(error_response(request, codes.FORMAT_ERROR), route)
         if route.op is Op.ECHO:
             return self._respond(request, Outcome(Status.APPROVED, host_time=_now()), route, f60)
+        if route.op in SETTLEMENT_OPS:
+            return await self._settlement.handle(message, route, f60, origin)
         try:
             command = self._command(request, route, f60)
         except (FormatError, ValueError):
@@ -188,6 +170,8 @@ class Router:
                 return self._decline(request, route, Status.NOT_SIGNED_ON)
             mac_fn = auth_steps.mac_function(origin.listener.mac, session.mak)
         authenticated = mac_fn is not None
+        if authenticated:  # where this terminal really is: settlement without a MAC is taken from here
+            self._guard.verified(auth.terminal_id, origin.peer)
         if "35" in request and not auth_steps.track_matches(request, session):
             return self._signed(self._decline(request, route, Status.UNKNOWN_CARD), mac_fn)
         if route.pin and isinstance(command, Inquire | Posting):
@@ -367,7 +351,8 @@ class Router:
             fields["63"] = outcome.extra.get("upstream_reference", "")[:163] or str(outcome.points_moved)
         elif outcome.approved and route.op is not Op.INQUIRY:
             fields["63"] = str(outcome.points_moved)
-        return Response(fields, op=route.op.value)
+        return Response(fields, processing_requirement=3 if fields["39"] in codes.SIGN_ON_AGAIN else 0,
+                        op=route.op.value)
 
 
 def _now() -> str:

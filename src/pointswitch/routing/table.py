@@ -25,6 +25,7 @@ class Op(StrEnum):
     INSURANCE = "insurance"
     SETTLEMENT = "settlement"
     BATCH_UPLOAD = "batch_upload"
+    UPLOAD_END = "batch_upload_end"
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,15 @@ FINANCIAL: dict[tuple[str, str, str, str], Route] = {
     ("0200", "50", "00", "54"): Route(Op.INSURANCE, _FIN + _CARD + ("4", "48"), pin=True),
 }
 
-NETWORK_OPS = {Op.SIGN_ON, Op.SIGN_OFF, Op.ECHO, Op.SETTLEMENT, Op.BATCH_UPLOAD}
+NETWORK_OPS = {Op.SIGN_ON, Op.SIGN_OFF, Op.ECHO, Op.SETTLEMENT, Op.BATCH_UPLOAD, Op.UPLOAD_END}
 
 # Operations a reversal may undo.
 REVERSIBLE = {Op.ACCRUE, Op.VOID_ACCRUAL, Op.REFUND, Op.REDEEM, Op.VOID_REDEMPTION, Op.POINTS_TO_CARD, Op.INSURANCE}
 
 # Operations carried to an upstream host (two-phase: hold, send, post or release).
 UPSTREAM = {Op.POINTS_TO_CARD, Op.INSURANCE}
+
+_BATCH = ("11", "41", "42", "48", "60")
 
 # (MTI, network management code) -> route
 NETWORK: dict[tuple[str, str], Route] = {
@@ -67,9 +70,11 @@ NETWORK: dict[tuple[str, str], Route] = {
     ("0820", "301"): Route(Op.ECHO, ()),
     ("0800", "301"): Route(Op.ECHO, ()),  # host-to-host echo (field 70 = 301)
     ("0800", "002"): Route(Op.SIGN_OFF, ("41", "42")),
-    ("0500", "201"): Route(Op.SETTLEMENT, ("41", "42", "48"), supported=False),
-    ("0320", "201"): Route(Op.BATCH_UPLOAD, ("41", "42"), supported=False),
-    ("0320", "202"): Route(Op.BATCH_UPLOAD, ("41", "42"), supported=False),
+    # Batch settlement and upload (routing.settlement): 60.2 names the batch, 11 the message.
+    ("0500", "201"): Route(Op.SETTLEMENT, _BATCH),
+    ("0320", "201"): Route(Op.BATCH_UPLOAD, _BATCH),
+    ("0320", "202"): Route(Op.UPLOAD_END, _BATCH),  # after a batch that did not balance
+    ("0320", "207"): Route(Op.UPLOAD_END, _BATCH),  # after one that did
 }
 
 REQUEST_MTIS = {"0200", "0220", "0400", "0420", "0500", "0320", "0800", "0820"}
@@ -77,8 +82,11 @@ REQUEST_MTIS = {"0200", "0220", "0400", "0420", "0500", "0320", "0800", "0820"}
 
 def has_request_key(fields: dict[str, str]) -> bool:
     """Whether a request is kept under an idempotency key (terminal, batch, trace):
-    every financial request but a balance inquiry. A retransmission of one must never
+    every financial request but a balance inquiry, and batch settlement and upload
+    (a settlement that committed closed the batch). A retransmission of one must never
     be answered 96 after its original committed."""
+    if fields.get("t") in ("0500", "0320"):
+        return True
     return fields.get("t") in ("0200", "0220", "0400", "0420") and not fields.get("3", "").startswith("31")
 
 

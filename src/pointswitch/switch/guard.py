@@ -5,7 +5,12 @@
 - MAC failures in a sliding window: past the per-peer limit the peer is banned
   for ``peer_ban_s`` (its connections are closed, new ones refused); past the
   per-terminal limit, whoever sent them, the terminal's keys are withdrawn, so an
-  online search for a 32-bit MAC never gets far under one key.
+  online search for a 32-bit MAC never gets far under one key;
+- batch settlement and upload, which carry no MAC: accepted without one only from
+  the address the terminal last sent a MAC-verified message from (remembered here,
+  so per process: a settlement reaching another process than the terminal's last
+  transaction is refused unless it carries a MAC), and settlements per terminal
+  limited (a token bucket per minute).
 
 A peer is an address without its port. All state is bounded (LRU), so random
 terminal ids or many addresses cost memory only up to ``max_tracked``. Counters
@@ -22,6 +27,7 @@ from typing import TypeVar
 import structlog
 
 from ..config import Limits, SecurityConfig
+from ..ledger.model import Status
 from . import metrics
 
 log = structlog.get_logger("pointswitch.switch")
@@ -76,6 +82,8 @@ class PeerGuard:
         self._sign_on_peers: _Bounded[str, _Bucket] = _Bounded(max_tracked)
         self._peer_failures: _Bounded[str, deque[float]] = _Bounded(max_tracked)
         self._terminal_failures: _Bounded[str, deque[float]] = _Bounded(max_tracked)
+        self._verified_peers: _Bounded[str, str] = _Bounded(max_tracked)  # terminal -> its last authenticated peer
+        self._settlements: _Bounded[str, _Bucket] = _Bounded(max_tracked)
         self.on_ban: Callable[[str], None] = lambda _peer: None  # the switch closes the peer's connections
 
     # -- connections ---------------------------------------------------------------
@@ -139,3 +147,23 @@ class PeerGuard:
         while window and window[0] <= now - self.security.mac_failure_window_s:
             window.popleft()
         return len(window)
+
+    # -- batch settlement and upload ---------------------------------------------------
+    def verified(self, terminal_id: str, peer: str) -> None:
+        self._verified_peers.touch(terminal_id, lambda: peer)
+        self._verified_peers[terminal_id] = peer
+
+    def settlement_refusal(self, terminal_id: str, peer: str, *, mac_verified: bool, settles: bool) -> Status | None:
+        if not mac_verified and self._verified_peers.get(terminal_id) != peer:
+            return Status.UNVERIFIED_PEER
+        if settles:
+            now, per_minute = self.clock(), SETTLEMENTS_PER_MINUTE
+            bucket = self._settlements.touch(terminal_id, lambda: _Bucket(per_minute, now))
+            if not bucket.take(per_minute, now):
+                return Status.TOO_FREQUENT
+        return None
+
+
+# Settlements (0500) of one terminal a minute: a real terminal settles once a day
+# (and retransmits a few times); more is an attack or a fault.
+SETTLEMENTS_PER_MINUTE = 6
