@@ -22,6 +22,10 @@ Every limit is a named setting with a default (see docs/operator.md)::
     [cash_out]
     points_per_yuan = "100"
 
+    [expiry]
+    policy = "months"          # never (default) | months | end_of_year
+    months = 24
+
 Environment: POINTSWITCH_CONFIG (file), POINTSWITCH_DSN, POINTSWITCH_DATA_DIR,
 POINTSWITCH_LOG_LEVEL, POINTSWITCH_MASTER_KEY (hex), and POINTSWITCH_LIMITS_<NAME>,
 POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME> for any single setting of
@@ -216,6 +220,23 @@ class UsageConfig:
     daily_limit_fen: int = 50_000  # per card per day (host's local date)
 
 
+@dataclass
+class ExpiryConfig:
+    """When points expire (docs/expiry.md): "never" (the default for a new network);
+    "months": ``months`` after the business date they were earned on; "end_of_year":
+    Dec 31 of the earning year + ``years``. Applies to points earned from then on."""
+
+    policy: str = "never"
+    months: int = 24
+    years: int = 1
+
+    def validate(self) -> None:
+        if self.policy not in ("never", "months", "end_of_year"):
+            raise ConfigError(f"[expiry] policy is never, months or end_of_year, not {self.policy!r}")
+        if self.months < 1 or self.years < 0:
+            raise ConfigError("[expiry] months >= 1 and years >= 0")
+
+
 DEFAULT_LISTENERS = [
     ListenerConfig(name="cup", port=5000, dialect="cup", framing="binary2"),
     ListenerConfig(name="iso87", port=5001, dialect="iso87", framing="ascii4"),
@@ -232,6 +253,7 @@ class Config:
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
+    expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
     log_level: str = "info"
 
     @property
@@ -280,7 +302,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "log_level"}
+                          "metrics", "log_level", "expiry"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -307,6 +329,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.database, raw.get("database", {}), "database")
     _apply(config.security, raw.get("security", {}), "security")
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
+    _apply(config.expiry, raw.get("expiry", {}), "expiry")
+    config.expiry.validate()
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
     # Environment overrides the file.
