@@ -85,3 +85,26 @@ async def test_reversed_redemption_gives_points_back_with_their_original_expiry(
         await con.close()
     assert shown["points_by_expiry"] == {"expiring": {soon.isoformat(): 20, later.isoformat(): 50},
                                          "never_expiring": 0}
+
+
+def test_expiry_setting_and_dates(tmp_path):
+    from pointswitch.config import ConfigError, load
+    from pointswitch.ledger import ExpiryRule
+    from pointswitch.ledger.lots import expiry_date
+
+    assert load(env={}).expiry.policy == "never", "a new network's points never expire"
+    path = tmp_path / "c.toml"
+    path.write_text('[expiry]\npolicy = "end_of_year"\nyears = 2\n')
+    assert (load(path, env={}).expiry.policy, load(path, env={}).expiry.years) == ("end_of_year", 2)
+    path.write_text('[expiry]\npolicy = "sometimes"\n')
+    try:
+        load(path, env={})
+    except ConfigError as exc:
+        assert "policy" in str(exc)
+    else:
+        raise AssertionError("an unknown policy is refused")
+    day = datetime.date
+    assert expiry_date(ExpiryRule("never"), day(2025, 3, 15)) is None
+    assert expiry_date(ExpiryRule("months", months=24), day(2025, 3, 15)) == day(2027, 3, 14)
+    assert expiry_date(ExpiryRule("months", months=1), day(2025, 1, 31)) == day(2025, 2, 27)
+    assert expiry_date(ExpiryRule("end_of_year", years=1), day(2025, 6, 1)) == day(2026, 12, 31)
