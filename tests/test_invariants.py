@@ -17,6 +17,7 @@ from pointswitch.ledger.service import clawback_due, earned_points
 from pointswitch.simulators.terminal import Reply, TerminalClient
 
 from .conftest import make_network
+from .test_lots import Lots
 
 OPS = ["accrue", "accrue", "accrue", "redeem", "void", "void", "refund", "reverse", "reverse",
        "retransmit", "reverse_first", "new_batch", "inquiry"]
@@ -36,8 +37,18 @@ class Model:
 
     def __init__(self) -> None:
         self.balance: dict[str, int] = {}
+        self.lots: dict[str, Lots] = {}  # points never expire here: lots in earning order
         self.txns: dict[tuple[str, int, int], dict] = {}
         self.batch: dict[str, int] = {}  # each terminal's open batch (the switch's)
+
+    def take_lot(self, card: str, o: dict, wanted: int) -> list[list[int]]:
+        """What is left of an accrual's own lot, up to ``wanted``."""
+        lots = self.lots[card]
+        if o.get("lot") is None or wanted <= 0:
+            return []
+        take = min(wanted, lots.lots[o["lot"]][2])
+        lots.lots[o["lot"]][2] -= take
+        return [[o["lot"], take]] if take else []
 
     @staticmethod
     def key(req: dict[str, str]) -> tuple[str, int, int]:
@@ -46,7 +57,13 @@ class Model:
     def apply(self, op: str, req: dict[str, str]) -> str:
         """Predict the response code of ``req`` and update the model."""
         card = req["2"]
-        bal = self.balance.setdefault(card, 0)
+        rc = self._apply(op, req, card)
+        self.balance[card] = self.lots[card].balance
+        return rc
+
+    def _apply(self, op: str, req: dict[str, str], card: str) -> str:
+        lots = self.lots.setdefault(card, Lots())
+        bal = lots.balance
         k = self.key(req)
         open_batch = self.batch.get(k[0], 1)
         if req["t"] == "0400":
@@ -58,19 +75,20 @@ class Model:
             return "77"  # not logged: nothing posted
         amount = int(req.get("4", "0"))
         t = {"op": op, "card": card, "amount": amount, "points": 0, "state": "declined",
-             "voided": False, "reversed": False, "refunded": 0, "clawed": 0, "batch": k[1], "orig": None}
+             "voided": False, "reversed": False, "refunded": 0, "clawed": 0, "batch": k[1], "orig": None,
+             "lot": None, "draws": []}
         rc = "00"
         if amount <= 0:
             rc = "13"
         elif op == "accrue":
             t["points"] = amount // 100
-            self.balance[card] = bal + t["points"]
+            t["lot"] = lots.add(None, t["points"]) if t["points"] else None
         elif op == "redeem":
             t["points"] = amount
             if bal < amount:
                 rc = "51"
             else:
-                self.balance[card] = bal - amount
+                t["draws"] = lots.draw(amount)
         elif op in ("void_accrual", "void_redemption"):
             ok = "accrue" if op == "void_accrual" else "redeem"
             ok_key = (k[0], int(req["61"][:6]), int(req["61"][6:12]))
@@ -81,11 +99,14 @@ class Model:
                 rc = "22"
             elif o["amount"] != amount:
                 rc = "64"
-            elif op == "void_accrual" and bal < o["points"]:
-                rc = "51"
+            elif op == "void_accrual":  # what is left of the accrual's lot (no 51 since lots)
+                t["draws"] = self.take_lot(card, o, o["points"])
+                t["points"] = sum(p for _, p in t["draws"])
+                o["voided"] = True
+                t["orig"] = ok_key
             else:
                 t["points"] = o["points"]
-                self.balance[card] = bal + (-o["points"] if op == "void_accrual" else o["points"])
+                lots.give_back(o["draws"], o["points"])
                 o["voided"] = True
                 t["orig"] = ok_key
         elif op == "refund":
@@ -99,9 +120,8 @@ class Model:
                 rc = "64"
             else:
                 due = clawback_due(o["points"], o["amount"], o["refunded"] + amount, o["clawed"])
-                take = min(due, bal)
-                t["points"] = take
-                self.balance[card] = bal - take
+                t["draws"] = self.take_lot(card, o, due)
+                take = t["points"] = sum(p for _, p in t["draws"])
                 o["refunded"] += amount
                 o["clawed"] += take
                 t["orig"] = ok_key
@@ -125,11 +145,13 @@ class Model:
         o = self.txns.get(t["orig"]) if t["orig"] else None
         if (o is not None and o["reversed"]) or (t["op"] in ("accrue", "redeem") and t["voided"]):
             return "00"
-        bal = self.balance[card]
-        effect = {"accrue": t["points"] - t["clawed"], "redeem": -t["points"],
-                  "void_accrual": -t["points"], "void_redemption": t["points"], "refund": -t["points"]}[t["op"]]
-        applied = -effect if -effect >= 0 else -min(effect, bal)
-        self.balance[card] = bal + applied
+        lots = self.lots[card]
+        if t["op"] == "accrue":
+            t["draws"] += self.take_lot(card, t, t["points"] - t["clawed"])
+        elif t["op"] == "void_redemption":
+            o["draws"] = lots.draw(min(t["points"], lots.balance))
+        else:
+            lots.give_back(t["draws"], t["points"])
         if t["op"] in ("void_accrual", "void_redemption"):
             o["voided"] = False
         elif t["op"] == "refund":

@@ -153,14 +153,24 @@ async def test_void_of_a_reversed_original_is_declined_22(network, dialect):
     assert void.rc == "22"
 
 
-async def test_void_after_the_points_were_spent_is_declined_51(network, dialect):
+async def test_void_after_the_points_were_spent_takes_back_what_is_left_of_the_accrual(network, dialect):
+    """Lots (migration 0011): a void of an accrual is no longer declined 51 when its
+    points were spent; it takes back what is left of the accrual's lot, and the rest
+    is recorded as the void's shortfall."""
     card = network.cards[0]
     async with network.terminal(0, dialect) as term:
-        original = await term.accrue(card, 1000)
+        original = await term.accrue(card, 1000)  # 10 points, its own lot
         await term.redeem(card, 5)
         void = await term.void(original)
-    assert void.rc == "51"
-    assert await network.balance(card) == 5
+    assert void.rc == "00"
+    assert void.points_moved == 5
+    assert await network.balance(card) == 0
+    con = await network.db()
+    try:
+        shortfall = await con.fetchval("SELECT shortfall_points FROM requests WHERE rrn = $1", void.rrn)
+    finally:
+        await con.close()
+    assert shortfall == 5
 
 
 async def test_partial_refunds_claw_back_pro_rata_rounded_up_never_more_than_earned(network, dialect):

@@ -16,7 +16,7 @@ import structlog
 
 from .codecs import dialect, framing
 from .config import Config, ListenerConfig
-from .ledger import Ledger, Operation, UsageRule, days
+from .ledger import ExpiryRule, Ledger, Operation, UsageRule, days
 from .ledger.database import (
     CONNECT_ERRORS,
     DatabaseStartError,
@@ -143,7 +143,8 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
                         pin_workers=sec.pin_workers or os.cpu_count() or 1,
                         max_pending_sign_ons=sec.max_pending_sign_ons, pending_keys_ttl_s=sec.pending_keys_ttl_s,
                         session_cache_size=sec.session_cache_size,
-                        acquire_timeout_s=config.database.command_timeout_s)
+                        acquire_timeout_s=config.database.command_timeout_s,
+                        expiry=ExpiryRule(config.expiry.policy, config.expiry.months, config.expiry.years))
         await ledger.start(lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
         async with pool.acquire() as con:  # the database's calendar follows the settings
             await days.set_calendar(con, config.day.cutoff_time(), config.day.time_zone)

@@ -25,6 +25,9 @@ Every limit is a named setting with a default (see docs/operator.md)::
     [day]                      # the business day (docs/operator.md, "The day's timeline")
     cutoff = "23:00"
     time_zone = "Asia/Shanghai"
+    [expiry]
+    policy = "months"          # never (default) | months | end_of_year
+    months = 24
 
 Environment: POINTSWITCH_CONFIG (file), POINTSWITCH_DSN, POINTSWITCH_DATA_DIR,
 POINTSWITCH_LOG_LEVEL, POINTSWITCH_MASTER_KEY (hex), and POINTSWITCH_LIMITS_<NAME>,
@@ -254,6 +257,23 @@ class UsageConfig:
     daily_limit_fen: int = 50_000  # per card per day (host's local date)
 
 
+@dataclass
+class ExpiryConfig:
+    """When points expire (docs/expiry.md): "never" (the default for a new network);
+    "months": ``months`` after the business date they were earned on; "end_of_year":
+    Dec 31 of the earning year + ``years``. Applies to points earned from then on."""
+
+    policy: str = "never"
+    months: int = 24
+    years: int = 1
+
+    def validate(self) -> None:
+        if self.policy not in ("never", "months", "end_of_year"):
+            raise ConfigError(f"[expiry] policy is never, months or end_of_year, not {self.policy!r}")
+        if self.months < 1 or self.years < 0:
+            raise ConfigError("[expiry] months >= 1 and years >= 0")
+
+
 DEFAULT_LISTENERS = [
     ListenerConfig(name="cup", port=5000, dialect="cup", framing="binary2"),
     ListenerConfig(name="iso87", port=5001, dialect="iso87", framing="ascii4"),
@@ -271,6 +291,7 @@ class Config:
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
     day: DayConfig = field(default_factory=DayConfig)
+    expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
     log_level: str = "info"
 
     @property
@@ -323,7 +344,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "day", "log_level"}
+                          "metrics", "day", "expiry", "log_level"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -351,6 +372,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.security, raw.get("security", {}), "security")
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
     _apply(config.day, raw.get("day", {}), "day")
+    _apply(config.expiry, raw.get("expiry", {}), "expiry")
+    config.expiry.validate()
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
     # Environment overrides the file.

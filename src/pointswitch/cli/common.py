@@ -49,7 +49,12 @@ def print_result(data: Any, as_json: bool, text: Callable[[Any], str] | None = N
     else:
         rows = data if isinstance(data, list) else [data]
         for row in rows:
-            print("  ".join(f"{k}={v}" for k, v in row.items() if k != "postings"))
+            print("  ".join(f"{k}={v}" for k, v in row.items() if k not in ("postings", "points_by_expiry")))
+            expiry = row.get("points_by_expiry") if isinstance(row, dict) else None
+            if expiry is not None:  # a card: its points by the date they expire (docs/expiry.md)
+                for day, points in expiry["expiring"].items():
+                    print(f"    expires {day}  {points:>8} points")
+                print(f"    never expiring   {expiry['never_expiring']:>8} points")
             for p in row.get("postings", []) if isinstance(row, dict) else []:
                 print(f"    {p['at']}  {p['points']:>+8}  {p['operation']:<16} {p['reason']:<9}"
                       f" merchant={p['merchant_id']} terminal={p['terminal_id']} rrn={p['rrn']}")

@@ -196,6 +196,20 @@ async def check_invariants(con: asyncpg.Connection) -> list[str]:
         f"card {r['pan_display']}: balance {r['points_balance']} but journal says {r['balance_points']}"
         for r in rows
     ]
+    # Lots (migration 0011): a card's balance is the sum of what is left of its lots.
+    lots = await con.fetch(
+        "SELECT c.pan_display, c.points_balance, coalesce(l.left_points, 0) AS left_points FROM cards c"
+        " LEFT JOIN (SELECT card_index, sum(points_left) AS left_points FROM point_lots GROUP BY 1) l"
+        " USING (card_index) WHERE c.points_balance <> coalesce(l.left_points, 0) LIMIT 10"
+    )
+    problems += [f"card {r['pan_display']}: balance {r['points_balance']} but its lots hold {r['left_points']}"
+                 for r in lots]
+    overdrawn = await con.fetchval(
+        "SELECT count(*) FROM point_lots l WHERE l.points_left + coalesce((SELECT sum(d.points) FROM lot_draws d"
+        " WHERE d.lot_id = l.lot_id AND NOT d.returned), 0) <> l.points_earned"
+    )
+    if overdrawn:
+        problems.append(f"{overdrawn} lots whose points left and draws do not add up to what they earned")
     negative = await con.fetchval("SELECT count(*) FROM cards WHERE points_balance < 0")
     if negative:
         problems.append(f"{negative} cards have a negative balance")

@@ -16,6 +16,7 @@ import asyncpg
 from . import audit
 from .carddata import SealedCard, mask_card, mask_name, mask_phone, seal_card, unseal_card
 from .errors import AdminError
+from .lots import card_expiries
 from .pins import pin_verifier
 from .vault import Vault
 
@@ -130,6 +131,7 @@ async def show_card(con: asyncpg.Connection, vault: Vault, card_number: str, pos
         "pin_failures": card["pin_failures"],
         "pin_locked": card["pin_locked"],
         "points_balance": card["points_balance"],
+        "points_by_expiry": await card_expiries(con, index),
         "postings": [
             {
                 "posting_id": p["posting_id"],

@@ -40,6 +40,7 @@ from . import gate
 from .model import (
     Command,
     DropSession,
+    ExpiryRule,
     Operation,
     OriginalRef,
     Outcome,
@@ -171,8 +172,9 @@ class LedgerCore:
     def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pin_tries: int = 3,
                  usage: dict[Operation, UsageRule] | None = None, pin_workers: int = 2,
                  max_pending_sign_ons: int = 4, pending_keys_ttl_s: float = 300.0, session_cache_size: int = 10_000,
-                 acquire_timeout_s: float = 10.0):
+                 acquire_timeout_s: float = 10.0, expiry: ExpiryRule | None = None):
         self._pool = pool
+        self.expiry = expiry or ExpiryRule()  # when new lots expire (ledger.lots)
         self._vault = vault
         self.acquire_timeout_s = acquire_timeout_s  # waiting for a pooled connection
         self.max_pin_tries = max_pin_tries

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
-from .core import _BUSINESS_DATE, LedgerCore, _auth_code, _day, _now, cash_value_fen, points_for_cash
+from .core import _BUSINESS_DATE, _auth_code, _day, _now, cash_value_fen, points_for_cash
+from .lots import LotSteps
 from .model import CompleteUpstream, Operation, Outcome, Posting, Status
 
 log = structlog.get_logger("pointswitch.ledger")
@@ -17,7 +18,7 @@ log = structlog.get_logger("pointswitch.ledger")
 _UPSTREAM_ACCOUNT = {Operation.CASH_OUT: "cash_out", Operation.INSURANCE: "insurance"}
 
 
-class HoldSteps(LedgerCore):
+class HoldSteps(LotSteps):
     async def _hold(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
         """Check the card, PIN and limits, then move the points to the holds account
         and log the request as pending; the caller sends the upstream leg."""
@@ -41,11 +42,11 @@ class HoldSteps(LedgerCore):
         if today + cmd.amount_fen > rule.daily_limit_fen:
             return await self._decline(con, ctx, cmd, Status.LIMIT_EXCEEDED, ctx["points_balance"])
         points = points_for_cash(cmd.amount_fen, rule.points_per_yuan) + rule.fee_points
-        moved = await self._move_card(con, ctx["card_index"], -points)
-        if moved is None:
+        spent = await self._spend(con, ctx["card_index"], points)  # from the lots that expire first
+        if spent is None:
             return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
-        outcome = Outcome(Status.PENDING, points_moved=points, points_balance=moved[1],
-                          cash_value_fen=cash_value_fen(moved[1], ctx["redeem_value"]), rrn=ctx["rrn"],
+        outcome = Outcome(Status.PENDING, points_moved=points, points_balance=spent.balance,
+                          cash_value_fen=cash_value_fen(spent.balance, ctx["redeem_value"]), rrn=ctx["rrn"],
                           host_time=_now(), business_date=_day(ctx))
         request_id = await self._log(con, ctx, cmd, outcome)
         await con.execute(
@@ -54,7 +55,8 @@ class HoldSteps(LedgerCore):
             request_id, leg.connector, leg.reference, self._vault.seal(leg.reversal, f"reversal:{cmd.key}"),
             leg.deadline_s,
         )
-        await self._post(con, request_id, "hold", moved[2], await self.operator_account(con, "holds"), points)
+        await self._post_drawn(con, request_id, "hold", spent.account, await self.operator_account(con, "holds"),
+                               points, spent)
         return outcome
 
     async def _complete_upstream(self, cmd: CompleteUpstream) -> Outcome:
@@ -84,13 +86,13 @@ class HoldSteps(LedgerCore):
                 if row["reversal_requested"]:  # the terminal reversed it while it was in flight
                     await self._queue_reversal(con, row, "terminal_reversal", points)
             else:
-                moved = await self._move_card(con, row["card_index"], points)
-                assert moved is not None
-                await self._post(con, row["request_id"], "release", holds, moved[2], points)
+                # The hold's draws go back to their lots, with their original expiry.
+                moved = await self._give_back(con, row["card_index"], row["request_id"], points, day)
+                await self._post(con, row["request_id"], "release", holds, moved.account, points)
                 status = {"declined": Status.UPSTREAM_DECLINED, "unavailable": Status.UPSTREAM_UNAVAILABLE}.get(
                     cmd.result, Status.UPSTREAM_TIMEOUT)
-                outcome = Outcome(status, points_balance=moved[1],
-                                  cash_value_fen=cash_value_fen(moved[1], row["redeem_value"]), rrn=row["rrn"],
+                outcome = Outcome(status, points_balance=moved.balance,
+                                  cash_value_fen=cash_value_fen(moved.balance, row["redeem_value"]), rrn=row["rrn"],
                                   host_time=_now(), business_date=day.isoformat(),
                                   extra={"upstream_rc": cmd.upstream_rc})
                 if cmd.result in ("timeout", "lost"):

@@ -65,6 +65,7 @@ class Operation(StrEnum):
     REFUND = "refund"
     CASH_OUT = "cash_out"  # points converted into money credited to a bank card
     INSURANCE = "insurance"  # points paying an insurance premium
+    EXPIRE = "expire"  # a card's lots past their expiry date, moved to the operator's expired account
 
 
 # Operations whose value leaves the network through an upstream host: two-phase.
@@ -100,6 +101,17 @@ class UsageRule:
     fee_points: int = 0
     min_amount_fen: int = 1
     daily_limit_fen: int = 0
+
+
+@dataclass(frozen=True)
+class ExpiryRule:
+    """When an accrual's points expire (``lots.expiry_date``): "never"; "months" after
+    the business date they were earned on; or "end_of_year", Dec 31 of the earning
+    year + ``years``."""
+
+    policy: str = "never"
+    months: int = 24
+    years: int = 1
 
 
 @dataclass(frozen=True)

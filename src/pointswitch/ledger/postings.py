@@ -10,7 +10,6 @@ import asyncpg
 import structlog
 
 from .core import (
-    LedgerCore,
     _auth_code,
     _day,
     _now,
@@ -19,12 +18,13 @@ from .core import (
     earned_points,
     points_for_value,
 )
+from .lots import LotSteps
 from .model import Inquire, Operation, Outcome, Posting, Status
 
 log = structlog.get_logger("pointswitch.ledger")
 
 
-class PostingSteps(LedgerCore):
+class PostingSteps(LotSteps):
     async def _inquire(self, cmd: Inquire) -> Outcome:
         card_index = self._vault.card_index(cmd.card_number)
         pin_refusal = await self._pins.check(cmd.card_number, card_index, cmd.pin) if cmd.pin_required else None
@@ -50,11 +50,14 @@ class PostingSteps(LedgerCore):
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = earned_points(cmd.amount_fen, ctx["earn_rate"])
-        moved = await self._move_card(con, ctx["card_index"], points)
-        assert moved is not None
-        outcome = self._approved(ctx, points, moved[1])
+        day = ctx["business_date"]
+        balance, account, expires, next_expiry = await self._earn(con, ctx["card_index"], points, day)
+        outcome = self._approved(ctx, points, balance)
+        if next_expiry is not None:  # the member is told what expires next (field 44)
+            outcome.extra["next_expiry"] = next_expiry
         request_id = await self._log(con, ctx, cmd, outcome)
-        await self._post(con, request_id, "accrue", ctx["issued_account_id"], moved[2], points)
+        await self._post_earned(con, request_id, ctx["issued_account_id"], account, points, ctx["card_index"],
+                                day, expires)
         return outcome
 
     async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
@@ -64,12 +67,12 @@ class PostingSteps(LedgerCore):
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = points_for_value(cmd.amount_fen, ctx["redeem_value"])
-        moved = await self._move_card(con, ctx["card_index"], -points)
-        if moved is None:
+        spent = await self._spend(con, ctx["card_index"], points)  # from the lots that expire first
+        if spent is None:
             return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
-        outcome = self._approved(ctx, points, moved[1])
+        outcome = self._approved(ctx, points, spent.balance)
         request_id = await self._log(con, ctx, cmd, outcome)
-        await self._post(con, request_id, "redeem", moved[2], ctx["redeemed_account_id"], points)
+        await self._post_drawn(con, request_id, "redeem", spent.account, ctx["redeemed_account_id"], points, spent)
         return outcome
 
     async def _void(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
@@ -91,16 +94,22 @@ class PostingSteps(LedgerCore):
         if orig["amount_fen"] != cmd.amount_fen:
             return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
         points = orig["points"]
-        moved = await self._move_card(con, ctx["card_index"], -points if of_accrual else points)
-        if moved is None:
-            return await self._decline(con, ctx, cmd, Status.INSUFFICIENT_POINTS, ctx["points_balance"])
-        outcome = self._approved(ctx, points, moved[1])
-        request_id = await self._log(con, ctx, cmd, outcome, original_id=orig["request_id"])
+        if of_accrual:  # takes back what is left of the accrual's lot; the rest is a shortfall
+            moved = await self._take_lot(con, ctx["card_index"], orig["request_id"], points)
+        else:  # the redemption's points go back to the lots they were drawn from
+            moved = await self._give_back(con, ctx["card_index"], orig["request_id"], points, ctx["business_date"])
+        assert moved.applied is not None
+        outcome = self._approved(ctx, moved.applied, moved.balance)
+        shortfall = points - moved.applied
+        request_id = await self._log(con, ctx, cmd, outcome, original_id=orig["request_id"], shortfall=shortfall)
         if of_accrual:
-            await self._post(con, request_id, "void", moved[2], orig["issued_account_id"], points)
+            await self._post_drawn(con, request_id, "void", moved.account, orig["issued_account_id"], moved.applied,
+                                   moved)
         else:
-            await self._post(con, request_id, "void", orig["redeemed_account_id"], moved[2], points)
+            await self._post(con, request_id, "void", orig["redeemed_account_id"], moved.account, points)
         await con.execute("UPDATE requests SET voided_by = $2 WHERE request_id = $1", orig["request_id"], request_id)
+        if shortfall:
+            log.warning("void clawback short", shortfall_points=shortfall, terminal=cmd.terminal_id)
         return outcome
 
     async def _refund(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
@@ -118,12 +127,13 @@ class PostingSteps(LedgerCore):
             return await self._decline(con, ctx, cmd, Status.EXCEEDS_ORIGINAL)
         due = clawback_due(orig["points"], orig["amount_fen"], orig["refunded_fen"] + cmd.amount_fen,
                            orig["clawed_points"])
-        moved = await self._move_card(con, ctx["card_index"], -due, cap=True)
-        assert moved is not None
-        taken = -moved[0]
-        outcome = self._approved(ctx, taken, moved[1])
+        # Only what is left of the accrual's lot: points spent or expired are a shortfall.
+        moved = await self._take_lot(con, ctx["card_index"], orig["request_id"], due)
+        assert moved.applied is not None
+        taken = moved.applied
+        outcome = self._approved(ctx, taken, moved.balance)
         request_id = await self._log(con, ctx, cmd, outcome, original_id=orig["request_id"], shortfall=due - taken)
-        await self._post(con, request_id, "refund", moved[2], orig["issued_account_id"], taken)
+        await self._post_drawn(con, request_id, "refund", moved.account, orig["issued_account_id"], taken, moved)
         await con.execute(
             "UPDATE requests SET refunded_fen = refunded_fen + $2, clawed_points = clawed_points + $3"
             " WHERE request_id = $1", orig["request_id"], cmd.amount_fen, taken,

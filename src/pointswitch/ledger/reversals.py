@@ -5,6 +5,7 @@ reversal whose original was never seen, so that the late original is not posted.
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import date
 
 import asyncpg
 import structlog
@@ -53,7 +54,7 @@ class ReversalSteps(HoldSteps):
                 return await self._reverse_upstream(con, orig, outcome)
             points, shortfall = 0, 0
             if orig["state"] == "approved":
-                points, shortfall, balance = await self._undo(con, orig)
+                points, shortfall, balance = await self._undo(con, orig, ctx["business_date"])
                 outcome = replace(outcome, points_moved=points, points_balance=balance,
                                   cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]))
             await con.execute(
@@ -65,7 +66,7 @@ class ReversalSteps(HoldSteps):
                 log.warning("reversal clawback short", shortfall_points=shortfall, terminal=cmd.terminal_id)
             return outcome
 
-    async def _undo(self, con: asyncpg.Connection, orig: asyncpg.Record) -> tuple[int, int, int]:
+    async def _undo(self, con: asyncpg.Connection, orig: asyncpg.Record, day: date) -> tuple[int, int, int]:
         """Undo an approved transaction's effect on the card. Returns (points moved,
         shortfall, new balance). What was already undone by something else (a void,
         a reversal of the transaction a void or refund points at) is not undone twice."""
@@ -83,32 +84,36 @@ class ReversalSteps(HoldSteps):
         if already_undone:
             balance = await con.fetchval("SELECT points_balance FROM cards WHERE card_index = $1", card)
             return 0, 0, balance
-        # The original's effect on the card balance; the reversal applies its negative.
-        effect = {
-            Operation.ACCRUE: orig["points"] - orig["clawed_points"],
-            Operation.REDEEM: -orig["points"],
-            Operation.VOID_ACCRUAL: -orig["points"],
-            Operation.VOID_REDEMPTION: orig["points"],
-            Operation.REFUND: -orig["points"],
-        }[op]
-        moved = await self._move_card(con, card, -effect, cap=True)
-        assert moved is not None
-        applied, balance, card_account = moved
-        merchant_account = (
-            orig["redeemed_account_id"]
-            if op in (Operation.REDEEM, Operation.VOID_REDEMPTION)
-            else orig["issued_account_id"]
-        )
-        if applied < 0:
-            await self._post(con, orig["request_id"], "reversal", card_account, merchant_account, -applied)
-        else:
-            await self._post(con, orig["request_id"], "reversal", merchant_account, card_account, applied)
-        if op in (Operation.VOID_ACCRUAL, Operation.VOID_REDEMPTION):
+        request_id, points = orig["request_id"], orig["points"]
+        if op is Operation.ACCRUE:  # only what is left of the accrual's own lot; the rest is a shortfall
+            wanted = points - orig["clawed_points"]
+            moved = await self._take_lot(con, card, request_id, wanted)
+            assert moved.applied is not None
+            await self._post_drawn(con, request_id, "reversal", moved.account, orig["issued_account_id"],
+                                   moved.applied, moved)
+            return moved.applied, wanted - moved.applied, moved.balance
+        if op is Operation.VOID_REDEMPTION:
+            # The void gave the redemption's points back: the redemption stands again, so
+            # they are spent again (what the card has, the lots that expire first), drawn
+            # under the redemption, which a later void or reversal gives back.
+            spent = await self._spend(con, card, points, cap=True)
+            assert spent is not None and spent.applied is not None
+            await self._post_drawn(con, request_id, "reversal", spent.account, orig["redeemed_account_id"],
+                                   spent.applied, spent, draws_of=orig["original_request_id"])
+            await con.execute("UPDATE requests SET voided_by = NULL WHERE request_id = $1",
+                              orig["original_request_id"])
+            return spent.applied, points - spent.applied, spent.balance
+        # A redemption, a void of an accrual, a refund: what it drew goes back to the
+        # lots it came from (an accrual's lot, for the last two), with their expiry.
+        moved = await self._give_back(con, card, request_id, points, day)
+        merchant_account = orig["redeemed_account_id"] if op is Operation.REDEEM else orig["issued_account_id"]
+        await self._post(con, request_id, "reversal", merchant_account, moved.account, points)
+        if op is Operation.VOID_ACCRUAL:
             await con.execute("UPDATE requests SET voided_by = NULL WHERE request_id = $1",
                               orig["original_request_id"])
         elif op is Operation.REFUND:
             await con.execute(
                 "UPDATE requests SET refunded_fen = refunded_fen - $2, clawed_points = clawed_points - $3"
-                " WHERE request_id = $1", orig["original_request_id"], orig["amount_fen"], orig["points"],
+                " WHERE request_id = $1", orig["original_request_id"], orig["amount_fen"], points,
             )
-        return abs(applied), abs(effect) - abs(applied), balance
+        return points, 0, moved.balance

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -92,14 +93,14 @@ class ReversalQueue:
             " JOIN requests r USING (request_id) WHERE u.reversal_id = $1 FOR UPDATE OF u", reversal_id,
         )
 
-    async def _points_back(self, con: asyncpg.Connection, row: asyncpg.Record) -> int:
-        """The host undid the credit: points waiting for that go back to the card."""
+    async def _points_back(self, con: asyncpg.Connection, row: asyncpg.Record, day: date) -> int:
+        """The host undid the credit: points waiting for that go back to the card, to the
+        lots the hold drew them from (with their original expiry)."""
         points = int(row["points_on_ack"])
         if points:
-            moved = await self._ledger._move_card(con, row["card_index"], points)
-            assert moved is not None
+            moved = await self._ledger._give_back(con, row["card_index"], row["request_id"], points, day)
             source = await self._ledger.operator_account(con, _UPSTREAM_ACCOUNT[Operation(row["operation"])])
-            await self._ledger._post(con, row["request_id"], "reversal", source, moved[2], points)
+            await self._ledger._post(con, row["request_id"], "reversal", source, moved.account, points)
         return points
 
     async def acknowledged(self, reversal_id: int, upstream_rc: str) -> int:
@@ -107,11 +108,11 @@ class ReversalQueue:
         to the card; returns how many (0 when none were waiting, or the reversal was
         already acknowledged or resolved by an operator: never twice)."""
         async with self._pool.acquire() as con, con.transaction():
-            await con.fetchval(_BUSINESS_DATE)  # before any row lock, as every posting transaction
+            day = await con.fetchval(_BUSINESS_DATE)  # before any row lock, as every posting transaction
             row = await self._locked(con, reversal_id)
             if row is None or row["state"] not in _OPEN:
                 return 0
-            points = await self._points_back(con, row)
+            points = await self._points_back(con, row, day)
             await con.execute(
                 "UPDATE upstream_reversals SET state = 'acknowledged', acknowledged_at = now(), upstream_rc = $2,"
                 " last_error = NULL WHERE reversal_id = $1", reversal_id, upstream_rc,
@@ -229,11 +230,11 @@ class ReversalQueue:
         if outcome not in OUTCOMES:
             raise ReversalError(f"the outcome is {' or '.join(OUTCOMES)}, not {outcome!r}")
         async with self._pool.acquire() as con, con.transaction():
-            await con.fetchval(_BUSINESS_DATE)  # before any row lock, as every posting transaction
+            day = await con.fetchval(_BUSINESS_DATE)  # before any row lock, as every posting transaction
             row = await self._locked(con, reversal_id)
             self._check_open(row, reversal_id, "resolve")
             assert row is not None
-            points = await self._points_back(con, row) if outcome == "reversed" else 0
+            points = await self._points_back(con, row, day) if outcome == "reversed" else 0
             await audit.record(con, "reversal.resolve", str(reversal_id),
                                {"connector": row["connector"], "outcome": outcome, "points_back": points})
             await con.execute(

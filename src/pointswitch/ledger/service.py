@@ -4,15 +4,15 @@ Each command runs in one PostgreSQL transaction (``core``: what the steps share,
 the order of work that keeps lock order fixed); the steps live by kind:
 ``postings`` (inquiry, accrual, redemption, void, refund), ``holds`` (points
 leaving through an upstream host), ``reversals``, ``batches`` (settlement and
-batch upload). Terminal keys and PINs are in
-``terminals`` and ``pins``.
+batch upload), ``lots`` (points by expiry; ``expire_due`` for the day close).
+Terminal keys and PINs are in ``terminals`` and ``pins``; the business day in
+``days``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from datetime import date
 from typing import Any
 
 import asyncpg
@@ -54,10 +54,6 @@ class Ledger(PostingSteps, ReversalSteps, BatchSteps):
             UploadBatch: self._upload,
             EndUpload: self._end_upload,
         }
-
-    async def expire_due(self, day: date, *, chunk: int = 500) -> dict[str, int]:
-        """Expire the lots due by ``day`` (points lots: not built yet; nothing expires)."""
-        return {"points": 0, "cards": 0}
 
     async def _posting(self, cmd: Posting) -> Outcome:
         card_index = self._vault.card_index(cmd.card_number)

@@ -347,6 +347,11 @@ class Router:
             if outcome.cash_value_fen is not None:
                 balances.append(Balance(outcome.cash_value_fen, CURRENCY_CNY))
             fields["54"] = render_54(balances)
+        # 44: what expires next on the card (approved accruals, to an authenticated terminal, when something expires):
+        # the last valid business date YYYYMMDD and the points, n12 (docs/integrator.md).
+        next_expiry = outcome.extra.get("next_expiry")
+        if outcome.approved and authenticated and route.op is Op.ACCRUE and next_expiry:
+            fields["44"] = next_expiry["date"].replace("-", "") + f"{min(next_expiry['points'], 10**12 - 1):012d}"
         if outcome.approved and route.op is Op.INSURANCE:
             fields["63"] = outcome.extra.get("upstream_reference", "")[:163] or str(outcome.points_moved)
         elif outcome.approved and route.op is not Op.INQUIRY:
