@@ -102,8 +102,8 @@ async def seed(pool: Any, vault: Any, args: argparse.Namespace) -> Any:
         if lots:  # the points lots the journal implies: one per card, a share of them due on the day
             await con.execute("DELETE FROM point_lots")
             await con.execute(
-                "INSERT INTO point_lots (card_index, request_id, earned_on, expires_on, points_earned, points_left)"
-                " SELECT c.card_index, NULL, $1::date, CASE WHEN random() < $2 THEN $1::date END,"
+                "INSERT INTO point_lots (card_index, origin, earned_on, expires_on, points_earned, points_left)"
+                " SELECT c.card_index, 'opening', $1::date, CASE WHEN random() < $2 THEN $1::date END,"
                 " c.points_balance, c.points_balance FROM cards c WHERE c.points_balance > 0",
                 day, args.expiring)
         await con.execute("ANALYZE")
