@@ -245,3 +245,46 @@ async def test_the_scheduler_closes_the_days_whose_cut_off_and_grace_have_passed
         assert [tuple(r) for r in rows] == [(d, "scheduler", False, 0) for d in before]
         assert await closer.run_once() == []
         assert await day.open_day() == d1  # the open day goes on
+
+
+async def test_a_batch_that_spans_two_days_settles_on_the_day_it_is_settled(switch, tmp_path):
+    async with day_switch(switch, tmp_path) as day:
+        d1 = await day.open_day()
+        async with day.terminal("TDA00001", "MA0000000000001") as a:
+            first = await a.accrue(CARD, 1000)
+            assert first.approved and first.fields["15"] == _mmdd(d1)
+            await days.close_day(day.running.pool, day.running.ledger)  # midnight passes mid-batch
+            second = await a.accrue(CARD, 2000)
+            assert second.approved and second.fields["15"] == _mmdd(d1 + timedelta(days=1))
+            settled = await a.settle()
+            assert settled.approved and settled.fields["15"] == _mmdd(d1 + timedelta(days=1))
+            assert settled.fields["48"][:31] == "000000003000" "002" "000000000000" "000" "1"  # both days, agreed
+            assert (await a.void(first)).rc == "77"  # the batch is closed
+        rows = await day.fetch("SELECT business_date, agree FROM batch_settlements WHERE terminal_id = 'TDA00001'")
+        assert [tuple(r) for r in rows] == [(d1 + timedelta(days=1), True)]
+
+
+async def test_closing_a_day_expires_the_points_due_and_books_the_breakage_on_it(switch, tmp_path):
+    async with day_switch(switch, tmp_path) as day:
+        d1 = await day.open_day()
+        async with day.terminal("TDA00001", "MA0000000000001") as a, day.terminal("TDB00001", "MB0000000000002") as b:
+            old = await a.accrue(CARD, 30000)  # 300 points ...
+            assert (await a.accrue(CARD, 5000)).approved  # ... and 50 that never expire
+            async with day.running.pool.acquire() as con:  # the 300 were earned long ago: due today
+                await con.execute("UPDATE point_lots SET expires_on = $1 WHERE request_id ="
+                                  " (SELECT request_id FROM requests WHERE rrn = $2)", d1, old.fields["37"])
+            assert (await b.redeem(CARD, 200)).approved  # 100 points, taken from the lot that expires first
+        closed = json.loads(day.cli("day", "close", "--json").stdout)
+        assert (closed["points_expired"], closed["cards_expired"], closed["points_outstanding"]) == (200, 1, 50)
+        assert closed["sum_net_fen"] == 0
+        card = json.loads(day.cli("card", "show", CARD, "--json").stdout)
+        assert card["points_balance"] == 50
+        assert card["points_by_expiry"] == {"expiring": {}, "never_expiring": 50}
+        expired = await day.fetch(
+            "SELECT p.business_date, p.amount_points FROM postings p JOIN accounts a ON a.account_id ="
+            " p.credit_account_id WHERE a.kind = 'operator' AND a.owner = 'expired'")
+        assert [tuple(r) for r in expired] == [(d1, 200)]  # breakage, on the day closed
+        again = json.loads(day.cli("day", "close", d1.isoformat(), "--json").stdout)
+        assert again["changed"] is False and again["points_expired"] == 200  # nothing expires twice
+        async with day.running.pool.acquire() as con:
+            assert await admin.check_invariants(con) == []

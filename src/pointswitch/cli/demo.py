@@ -28,12 +28,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     from ..simulators.terminal import describe
 
+    # What each merchant pays the network per point issued at it, and is paid per
+    # point redeemed at it (fen): clearing turns the day's points into these.
+    DEMO_RATES = [("1.2", "1"), ("1", "1"), ("0.8", "1")]
     data_dir = Path(args.data_dir or "var/demo")
     if data_dir.exists() and not args.keep:
         shutil.rmtree(data_dir)
     cfg = common.config(args)
     cfg.database.dsn = None
     cfg.database.data_dir = str(data_dir)
+    cfg.expiry.policy, cfg.expiry.months = "months", 24  # points earned today expire in two years
     cfg.listeners = [ListenerConfig("cup", 0, "cup", "binary2", host="127.0.0.1"),
                      ListenerConfig("iso87", 0, "iso87", "ascii4", host="127.0.0.1")]
     logs.configure(args.log_level or "error")  # the scenario prints what happens; --log-level shows more
@@ -75,8 +79,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         async with running_switch(cfg, dsn, vault) as running:
             tmks: dict[str, bytes] = {}
             async with running.pool.acquire() as con:
-                for mid, name, rate, tid in DEMO_MERCHANTS:
-                    await admin.add_merchant(con, mid, name, rate)
+                for (mid, name, rate, tid), (price, value) in zip(DEMO_MERCHANTS, DEMO_RATES, strict=True):
+                    await admin.add_merchant(con, mid, name, rate, issue_price=price, redeem_value=value)
                     added = await admin.add_terminal(con, vault, tid, mid)
                     tmks[tid] = bytes.fromhex(added["tmk"])  # "loaded into the terminal"
                 await admin.add_card(con, vault, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
@@ -87,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f" bank host on {bank.port}, insurer host on {insurer.port}")
             print(f"demo network: {len(DEMO_MERCHANTS)} merchants, card {DEMO_CARD[:6]}*********{DEMO_CARD[-4:]}\n")
             try:
-                await run_scenario(host, port, tmks, DEMO_CARD, report=show, upstream=True)
+                await run_scenario(host, port, tmks, DEMO_CARD, report=show, upstream=True, end_of_day=True)
             except ScenarioFailed as exc:
                 print(f"\nscenario failed: {exc}")
                 return 1
@@ -110,6 +114,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"bank host: credited {bank.net_fen() / 100:.2f} yuan net ({len(bank.entries)} credits,"
                   f" {sum(e.reversed for e in bank.entries.values())} reversed);"
                   f" insurer host: collected {insurer.net_fen() / 100:.2f} yuan")
+            expiring = card["points_by_expiry"]["expiring"]
+            if expiring:
+                print("card points by expiry: " + ", ".join(f"{n} until {d}" for d, n in expiring.items()))
             print(f"card balance {card['points_balance']} points;",
                   "ledger invariants hold" if not problems else f"INVARIANTS BROKEN: {problems}")
             closed = await end_of_day(running)
@@ -120,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from ..ledger import days
         from .days import clearing_text
 
-        print("\nend of day: the operator closes the business day (a forced cut-off)")
+        print("\nend of day: the terminals have settled; the operator closes the business day (a forced cut-off)")
         closed = await days.close_day(running.pool, running.ledger, by="demo", clearing_dir=data_dir / "clearing")
         print(clearing_text(closed.report))
         return closed.report

@@ -24,6 +24,21 @@ DEMO_MERCHANTS = [
 ]
 
 
+async def _settle(term: TerminalClient, check: Callable[..., Reply]) -> None:
+    """Closing time at one terminal: settle, upload, sign on into the next batch."""
+    batch = term.batch
+    settled = check(f"{term.terminal_id} settles batch {batch} with the totals of its own journal (0500)",
+                    await term.settle())
+    if settled.fields.get("48", "")[30:31] != "1":
+        raise ScenarioFailed(f"{term.terminal_id}: the switch's totals of batch {batch} differ from the terminal's")
+    replies = await term.upload()
+    check(f"{term.terminal_id} uploads the batch's records ({len(replies) - 1} x 0320, then the end: 207)",
+          replies[-1])
+    check(f"{term.terminal_id} signs on: batch {batch} is closed, the switch opens the next", await term.sign_on())
+    if term.batch == batch:
+        raise ScenarioFailed(f"{term.terminal_id}: the batch did not advance after settlement")
+
+
 @dataclass
 class Step:
     title: str
@@ -44,9 +59,11 @@ class ScenarioFailed(AssertionError):
 
 async def run_scenario(host: str, port: int, tmks: dict[str, bytes], card: str = DEMO_CARD,
                        report: Callable[[Step], None] = lambda step: None, pin: str = DEMO_PIN,
-                       upstream: bool = False) -> list[Step]:
+                       upstream: bool = False, end_of_day: bool = False) -> list[Step]:
     """Drive the demo network. ``tmks`` are the terminals' master keys (terminal id ->
-    key), as loaded into each terminal when it was installed."""
+    key), as loaded into each terminal when it was installed. ``end_of_day``: each
+    terminal then settles its batch with its own totals (0500), uploads it (0320)
+    and signs on into the next batch, as a POS does at closing time."""
     steps: list[Step] = []
     (ma, _, _, ta), (mb, _, _, tb), (mc, _, _, tc) = DEMO_MERCHANTS
     a = await TerminalClient(host, port, ta, ma, tmk=tmks[ta], default_pin=pin).connect()
@@ -104,6 +121,9 @@ async def run_scenario(host: str, port: int, tmks: dict[str, bytes], card: str =
             check("cash out 0.10 yuan: the bank answers too late, 98, the points come back at once",
                   await c.cash_out(card, 10, DEMO_SLOW_BANK_CARD), rc="98")
             check("balance inquiry: nothing left the card", await c.inquiry(card), balance=start + 17)
+        if end_of_day:
+            for term in (a, b, c):
+                await _settle(term, check)
     finally:
         for term in (a, b, c):
             await term.close()

@@ -390,8 +390,11 @@ class TerminalClient:
         a debit: approved, and not reversed by this terminal."""
         reversed_traces = {r.request["11"] for r in self.batch_store
                            if r.request["t"] in ("0400", "0420") and r.approved}
+        # One transaction per trace, as in a POS journal: a retransmission is the same
+        # transaction, its answer replaces the first one's.
+        by_trace = {r.request["11"]: r for r in self.batch_store if r.request["t"] in ("0200", "0220")}
         out = []
-        for r in self.batch_store:
+        for r in by_trace.values():
             txn_type = r.request.get("60", "")[:2]
             if r.request["t"] in ("0200", "0220") and r.approved and r.request["11"] not in reversed_traces:
                 if txn_type in DEBIT_TYPES:
