@@ -77,9 +77,10 @@ WHERE r.request_key LIKE 'bench:%'
 """
 
 _BALANCES = """
-UPDATE cards c SET points_balance = b.balance
-FROM (SELECT account_id, balance_points AS balance FROM account_balances WHERE kind = 'card') b
-WHERE b.account_id = c.account_id
+WITH moves AS (SELECT credit_account_id AS account_id, amount_points AS points FROM postings
+               UNION ALL SELECT debit_account_id, -amount_points FROM postings),
+     balances AS (SELECT account_id, sum(points) AS balance FROM moves GROUP BY account_id)
+UPDATE cards c SET points_balance = b.balance FROM balances b WHERE b.account_id = c.account_id
 """
 
 
