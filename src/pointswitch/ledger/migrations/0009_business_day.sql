@@ -27,16 +27,27 @@ $$;
 
 -- The business date a posting made now belongs to. VOLATILE on purpose: its
 -- query runs with a fresh snapshot taken after the lock is granted, so it sees a
--- cut-off that committed while it waited.
+-- cut-off that committed while it waited. The date cannot change while the lock
+-- is held (until the transaction ends), so it is kept in a transaction-local
+-- setting that the columns' default reads before calling this again.
 CREATE FUNCTION business_date_now() RETURNS date
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     c business_calendar;
+    d date;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(1886350433);  -- 'pday'
     SELECT * INTO c FROM business_calendar;
-    RETURN greatest(business_date_at(now(), c.cutoff, c.time_zone), c.cut_through + 1);
+    d := greatest(business_date_at(now(), c.cutoff, c.time_zone), c.cut_through + 1);
+    PERFORM set_config('pointswitch.business_date', d::text, true);
+    RETURN d;
 END
+$$;
+
+-- The transaction's business date: asked for once, then read back.
+CREATE FUNCTION business_date_of_transaction() RETURNS date
+LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce(nullif(current_setting('pointswitch.business_date', true), '')::date, business_date_now())
 $$;
 
 INSERT INTO business_calendar (first_day)
@@ -44,12 +55,12 @@ SELECT business_date_at(coalesce((SELECT min(created_at) FROM requests), now()),
 
 ALTER TABLE requests ADD COLUMN business_date date;
 UPDATE requests SET business_date = business_date_at(created_at, '23:00', 'Asia/Shanghai');
-ALTER TABLE requests ALTER COLUMN business_date SET DEFAULT business_date_now(),
+ALTER TABLE requests ALTER COLUMN business_date SET DEFAULT business_date_of_transaction(),
                      ALTER COLUMN business_date SET NOT NULL;
 
 ALTER TABLE postings ADD COLUMN business_date date;
 UPDATE postings SET business_date = business_date_at(created_at, '23:00', 'Asia/Shanghai');
-ALTER TABLE postings ALTER COLUMN business_date SET DEFAULT business_date_now(),
+ALTER TABLE postings ALTER COLUMN business_date SET DEFAULT business_date_of_transaction(),
                      ALTER COLUMN business_date SET NOT NULL;
 
 -- Rows arrive in date order (almost: a day's expiry is written while the next day
