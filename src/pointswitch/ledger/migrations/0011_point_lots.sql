@@ -48,23 +48,30 @@ SELECT card_index, 'opening', business_date_now(), NULL, points_balance, points_
 FROM cards WHERE points_balance > 0;
 
 -- Draw ``points`` from a card's lots, those that expire first first. The caller
--- holds the card row lock and has taken the points off the card's balance.
+-- holds the card row lock and has taken the points off the card's balance; every
+-- writer of a card's lots holds that lock first, so the lots need no lock of their
+-- own. The walk follows point_lots_open in spending order and stops as soon as
+-- enough is drawn: a card with a thousand lots costs a spend the lots it takes.
 CREATE FUNCTION lots_draw(p_card text, p_points bigint) RETURNS TABLE (lot_id bigint, points bigint)
-LANGUAGE sql AS $$
-    WITH locked AS (
-        SELECT l.lot_id, l.points_left, l.expires_on FROM point_lots l
-        WHERE l.card_index = p_card AND l.points_left > 0
-        FOR UPDATE
-    ), ordered AS (
-        SELECT o.lot_id, o.points_left,
-               sum(o.points_left) OVER (ORDER BY o.expires_on ASC NULLS LAST, o.lot_id) - o.points_left AS before
-        FROM locked o
-    ), take AS (
-        SELECT o.lot_id, least(o.points_left, p_points - o.before) AS points FROM ordered o WHERE o.before < p_points
-    )
-    UPDATE point_lots l SET points_left = l.points_left - t.points FROM take t
-    WHERE l.lot_id = t.lot_id
-    RETURNING l.lot_id, t.points
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lot record;
+    v_left bigint := p_points;
+BEGIN
+    IF p_points <= 0 THEN
+        RETURN;
+    END IF;
+    FOR v_lot IN SELECT l.lot_id, l.points_left FROM point_lots l
+                 WHERE l.card_index = p_card AND l.points_left > 0
+                 ORDER BY l.expires_on ASC NULLS LAST, l.lot_id LOOP
+        lot_id := v_lot.lot_id;
+        points := least(v_lot.points_left, v_left);
+        UPDATE point_lots l SET points_left = l.points_left - points WHERE l.lot_id = v_lot.lot_id;
+        RETURN NEXT;
+        v_left := v_left - points;
+        EXIT WHEN v_left = 0;
+    END LOOP;
+END
 $$;
 
 -- Earn on a card: lock its row, add the points, and say which of its lots expire
