@@ -65,7 +65,7 @@ async def _set_calendar(ledger: Any, cfg: Any) -> None:
 
 
 def cmd_clearing(args: argparse.Namespace) -> int:
-    from ..ledger import days
+    from ..ledger import clearing, days
 
     async def show(ledger: Any, _cfg: Any) -> Any:
         return await days.day_report(ledger.pool, args.date)
@@ -74,7 +74,7 @@ def cmd_clearing(args: argparse.Namespace) -> int:
     if report is None or report.get("state") != "closed":
         sys.exit(f"pointswitch: business day {args.date} is not closed: no clearing yet")
     if args.csv:
-        sys.stdout.write(days.render_csv(report))
+        sys.stdout.write(clearing.render_csv(report))
         return 0
     common.print_result(report, args.json, clearing_text)
     return 0
