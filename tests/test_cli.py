@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -193,6 +196,16 @@ def test_demo_runs_the_scenario_and_the_invariants_hold(tmp_path):
     result = _cli("demo", "--data-dir", str(tmp_path / "demo"))
     assert "ledger invariants hold" in result.stdout
     assert "FAIL" not in result.stdout
+    # The day ends: every terminal settled in agreement, and the clearing of the day
+    # pays the bank what the bank host says it credited, and sums to zero.
+    assert result.stdout.count("settles batch 1 with the totals of its own journal") == 3
+    files = list((tmp_path / "demo" / "clearing").glob("clearing-*.csv"))
+    assert len(files) == 1
+    rows = {r["party"]: r for r in csv.DictReader(io.StringIO(files[0].read_text(encoding="utf-8")))}
+    credited = re.search(r"bank host: credited ([0-9.]+) yuan net", result.stdout)
+    assert credited and int(rows["bank"]["paid_out_fen"]) == round(float(credited.group(1)) * 100) == 100
+    assert int(rows["insurer"]["paid_out_fen"]) == 50 and rows["TOTAL"]["net_fen"] == "0"
+    assert "sums to zero" in result.stdout
     assert "6288880000000000017" not in result.stdout + result.stderr
     assert "6222020000000000018" not in result.stdout + result.stderr, "bank card numbers are masked too"
     assert "bank host: credited 1.00 yuan net (2 credits, 1 reversed)" in result.stdout
