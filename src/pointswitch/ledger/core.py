@@ -30,13 +30,14 @@ import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 import asyncpg
 import structlog
 
 from . import gate
+from .decide import card_refusal, cash_value_fen, terminal_refusal
 from .model import (
     Command,
     DropSession,
@@ -47,7 +48,6 @@ from .model import (
     Posting,
     PromoteKeys,
     RequestKey,
-    Reverse,
     SignOn,
     Status,
     TerminalAuth,
@@ -121,11 +121,6 @@ class _KeyTaken(Exception):
     """Raised inside a transaction to roll it back when the request key is taken."""
 
 
-def earned_points(amount_fen: int, earn_rate_points_per_yuan: Decimal) -> int:
-    """floor(amount in fen x earn rate / 100)."""
-    return int((Decimal(amount_fen) * earn_rate_points_per_yuan / 100).to_integral_value(ROUND_FLOOR))
-
-
 def points_for_value(amount_fen: int, value_fen_per_point: Decimal) -> int:
     """Points needed to pay ``amount_fen``, rounded up (in the network's favour)."""
     return int((Decimal(amount_fen) / value_fen_per_point).to_integral_value(ROUND_CEILING))
@@ -134,10 +129,6 @@ def points_for_value(amount_fen: int, value_fen_per_point: Decimal) -> int:
 def points_for_cash(amount_fen: int, points_per_yuan: Decimal) -> int:
     """Points that buy ``amount_fen`` of cash or premium: ceil(fen x rate / 100)."""
     return int((Decimal(amount_fen) * points_per_yuan / 100).to_integral_value(ROUND_CEILING))
-
-
-def cash_value_fen(points: int, value_fen_per_point: Decimal) -> int:
-    return int((Decimal(points) * value_fen_per_point).to_integral_value(ROUND_FLOOR))
 
 
 def clawback_due(points: int, amount_fen: int, refunded_fen_after: int, clawed_points: int) -> int:
@@ -254,18 +245,9 @@ class LedgerCore:
 
     @staticmethod
     def _check_terminal(ctx: asyncpg.Record | None, cmd: Command) -> Status | None:
-        if ctx is None:
-            return Status.UNKNOWN_TERMINAL
-        if ctx["merchant_id"] != cmd.merchant_id or ctx["merchant_status"] != "active":
-            return Status.WRONG_MERCHANT
-        if ctx["terminal_status"] != "active":
-            return Status.TERMINAL_DISABLED
-        # The switch owns the batch. The terminal row is key-share locked by the
-        # context's read, so a settlement closing this batch waits for this
-        # transaction, and one that committed first is seen here.
-        if isinstance(cmd, Posting | Reverse) and cmd.key.batch != ctx["current_batch"]:
-            return Status.BATCH_MISMATCH
-        return None
+        # The terminal row is key-share locked by the context's read, so a settlement
+        # closing this batch waits for this transaction, and one that committed first is seen.
+        return terminal_refusal(ctx, cmd)
 
     async def stored(self, cmd: Posting) -> Outcome | None:
         """The answer already given under this request's key, if there is one (one read)."""
@@ -345,13 +327,7 @@ class LedgerCore:
         )
 
     def _card_problem(self, ctx: asyncpg.Record, cmd: Posting, *, spending: bool) -> Status | None:
-        if ctx["card_status"] is None:
-            return Status.UNKNOWN_CARD
-        if spending and ctx["card_status"] != "active":
-            return Status.BLOCKED_CARD
-        if cmd.amount_fen <= 0:
-            return Status.INVALID_AMOUNT
-        return None
+        return card_refusal(ctx, cmd, spending=spending)
 
     async def _original(self, con: asyncpg.Connection, cmd: Posting, ref: OriginalRef
                         ) -> asyncpg.Record | None:

@@ -25,7 +25,6 @@ Invariant: for every card, the sum of its lots' points left = its balance.
 
 from __future__ import annotations
 
-import calendar
 import datetime
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ import asyncpg
 import structlog
 
 from .core import LedgerCore
-from .model import ExpiryRule
+from .decide import expiry_date, next_expiry
 
 log = structlog.get_logger("pointswitch.ledger")
 
@@ -64,22 +63,6 @@ SELECT $1, d.lot_id, d.points FROM unnest($2::bigint[], $3::bigint[]) AS d(lot_i
 """
 
 
-def expiry_date(rule: ExpiryRule, earned_on: datetime.date) -> datetime.date | None:
-    """The last business date on which points earned on ``earned_on`` are valid.
-
-    "months": the day before the same day ``months`` later (clamped to the end of a
-    shorter month), so points earned on 15 March with 24 months are valid through
-    14 March two years on. "end_of_year": Dec 31 of the earning year + ``years``."""
-    if rule.policy == "months":
-        month0 = earned_on.month - 1 + rule.months
-        year, month = earned_on.year + month0 // 12, month0 % 12 + 1
-        day = min(earned_on.day, calendar.monthrange(year, month)[1])
-        return datetime.date(year, month, day) - datetime.timedelta(days=1)
-    if rule.policy == "end_of_year":
-        return datetime.date(earned_on.year + rule.years, 12, 31)
-    return None
-
-
 @dataclass(frozen=True)
 class Moved:
     """What a lot-aware move did to a card: points applied (None: no such card, or
@@ -107,14 +90,8 @@ class LotSteps(LedgerCore):
         row = await con.fetchrow("SELECT * FROM card_earn($1, $2)", card, points)
         assert row is not None and row["balance"] is not None
         expires = expiry_date(self.expiry, earned_on)
-        nxt_date, nxt_points = row["next_date"], row["next_points"]
-        if expires is not None and points > 0:
-            if nxt_date is None or expires < nxt_date:
-                nxt_date, nxt_points = expires, points
-            elif expires == nxt_date:
-                nxt_points += points
-        nxt = {"date": nxt_date.isoformat(), "points": int(nxt_points)} if nxt_date is not None else None
-        return row["balance"], row["account_id"], expires, nxt
+        dated = (row["next_date"], int(row["next_points"])) if row["next_date"] is not None else None
+        return row["balance"], row["account_id"], expires, next_expiry(dated, expires, points)
 
     async def _post_earned(self, con: asyncpg.Connection, request_id: int, debit: int, credit: int, points: int,
                            card: str, earned_on: datetime.date, expires_on: datetime.date | None) -> None:

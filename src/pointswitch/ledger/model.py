@@ -105,7 +105,7 @@ class UsageRule:
 
 @dataclass(frozen=True)
 class ExpiryRule:
-    """When an accrual's points expire (``lots.expiry_date``): "never"; "months" after
+    """When an accrual's points expire (``decide.expiry_date``): "never"; "months" after
     the business date they were earned on; or "end_of_year", Dec 31 of the earning
     year + ``years``."""
 

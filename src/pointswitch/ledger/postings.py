@@ -9,15 +9,8 @@ from __future__ import annotations
 import asyncpg
 import structlog
 
-from .core import (
-    _auth_code,
-    _day,
-    _now,
-    cash_value_fen,
-    clawback_due,
-    earned_points,
-    points_for_value,
-)
+from .core import _auth_code, _day, _now, clawback_due, points_for_value
+from .decide import cash_value_fen, earned_points
 from .lots import LotSteps
 from .model import Inquire, Operation, Outcome, Posting, Status
 

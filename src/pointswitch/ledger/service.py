@@ -19,7 +19,8 @@ import asyncpg
 
 from . import gate
 from .batches import BatchSteps
-from .core import _KeyTaken, cash_value_fen, clawback_due, earned_points, points_for_cash, points_for_value
+from .core import _KeyTaken, clawback_due, points_for_cash, points_for_value
+from .decide import cash_value_fen, earned_points
 from .model import (
     CompleteUpstream,
     DropSession,
