@@ -16,7 +16,7 @@ import structlog
 
 from .codecs import dialect, framing
 from .config import Config, ListenerConfig
-from .ledger import ExpiryRule, Ledger, Operation, UsageRule, days
+from .ledger import ExpiryRule, GroupCommit, Ledger, Operation, UsageRule, days
 from .ledger.database import (
     CONNECT_ERRORS,
     DatabaseStartError,
@@ -144,7 +144,10 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
                         max_pending_sign_ons=sec.max_pending_sign_ons, pending_keys_ttl_s=sec.pending_keys_ttl_s,
                         session_cache_size=sec.session_cache_size,
                         acquire_timeout_s=config.database.command_timeout_s,
-                        expiry=ExpiryRule(config.expiry.policy, config.expiry.months, config.expiry.years))
+                        expiry=ExpiryRule(config.expiry.policy, config.expiry.months, config.expiry.years),
+                        group_commit=GroupCommit(config.database.group_commit_writers,
+                                                 config.database.group_commit_max_batch,
+                                                 config.limits.max_requests_in_flight))
         await ledger.start(lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
         async with pool.acquire() as con:  # the database's calendar follows the settings
             await days.set_calendar(con, config.day.cutoff_time(), config.day.time_zone)

@@ -199,4 +199,10 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         if rate <= 0 or usage.fee_points < 0 or usage.min_amount_fen < 1 or usage.daily_limit_fen < 0:
             raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
     config.day.validate()
+    db = config.database
+    if db.group_commit_writers < 0 or db.group_commit_max_batch < 1:
+        raise ConfigError("[database] group_commit_writers >= 0 and group_commit_max_batch >= 1")
+    if db.group_commit_writers >= db.pool_max_size:
+        raise ConfigError(f"[database] group_commit_writers ({db.group_commit_writers}) each hold a connection:"
+                          f" pool_max_size ({db.pool_max_size}) must be larger")
     return config

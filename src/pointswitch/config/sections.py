@@ -82,6 +82,10 @@ class DatabaseConfig:
     pool_max_size: int = 10
     command_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0  # opening a connection (start-up, pool) gives up after this
+    # Accruals written together, one COMMIT for many (docs/architecture.md, group commit):
+    # this many batches at once, each its own connection (0: one transaction per request) ...
+    group_commit_writers: int = 2
+    group_commit_max_batch: int = 64  # ... of at most this many requests
     restart_embedded: bool = True  # serve restarts the embedded PostgreSQL when it finds it not running
 
 

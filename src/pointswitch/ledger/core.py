@@ -38,10 +38,12 @@ import structlog
 
 from . import gate
 from .decide import card_refusal, cash_value_fen, terminal_refusal
+from .group import GroupCommitter
 from .model import (
     Command,
     DropSession,
     ExpiryRule,
+    GroupCommit,
     Operation,
     OriginalRef,
     Outcome,
@@ -163,8 +165,12 @@ class LedgerCore:
     def __init__(self, pool: asyncpg.Pool, vault: Vault, *, max_pin_tries: int = 3,
                  usage: dict[Operation, UsageRule] | None = None, pin_workers: int = 2,
                  max_pending_sign_ons: int = 4, pending_keys_ttl_s: float = 300.0, session_cache_size: int = 10_000,
-                 acquire_timeout_s: float = 10.0, expiry: ExpiryRule | None = None):
+                 acquire_timeout_s: float = 10.0, expiry: ExpiryRule | None = None,
+                 group_commit: GroupCommit | None = None):
         self._pool = pool
+        # Accruals written together (``ledger.group``), once started; None: one transaction each.
+        self._group_settings = group_commit
+        self._group: GroupCommitter | None = None
         self.expiry = expiry or ExpiryRule()  # when new lots expire (ledger.lots)
         self._vault = vault
         self.acquire_timeout_s = acquire_timeout_s  # waiting for a pooled connection
@@ -184,8 +190,15 @@ class LedgerCore:
     async def start(self, connect: Connect) -> None:
         """Start listening for terminal changes (``connect`` opens a connection of its own)."""
         await self.sessions.start(connect)
+        if self._group_settings is not None and self._group_settings.writers > 0:
+            g = self._group_settings
+            self._group = GroupCommitter(self, writers=g.writers, max_batch=g.max_batch, queue_size=g.queue_size)
+            self._group.start()
 
     async def stop(self) -> None:
+        if self._group is not None:
+            await self._group.stop()
+            self._group = None
         await self.sessions.stop()
         self._pins.close()
 

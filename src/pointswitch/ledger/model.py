@@ -115,6 +115,17 @@ class ExpiryRule:
 
 
 @dataclass(frozen=True)
+class GroupCommit:
+    """How accruals are written together (``ledger.group``): ``writers`` batches at
+    once (0: one transaction per request), at most ``max_batch`` requests each,
+    at most ``queue_size`` waiting."""
+
+    writers: int = 3
+    max_batch: int = 64
+    queue_size: int = 1024
+
+
+@dataclass(frozen=True)
 class UpstreamLeg:
     """Where a two-phase request goes, and what to send if it must be reversed.
 

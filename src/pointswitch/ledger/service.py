@@ -58,6 +58,9 @@ class Ledger(PostingSteps, ReversalSteps, BatchSteps):
 
     async def _posting(self, cmd: Posting) -> Outcome:
         card_index = self._vault.card_index(cmd.card_number)
+        if self._group is not None and cmd.operation is Operation.ACCRUE and not cmd.pin_required:
+            # Written with others; the batch finds a taken key itself (and answers from the log).
+            return await self._group.submit(cmd, card_index, self._fingerprint(cmd))
         # A retransmission is answered from the log (and costs no PIN try). Knowing the
         # key is free is also what lets a later 96 be true: no earlier attempt committed.
         stored = await self.stored(cmd)
