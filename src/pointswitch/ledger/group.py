@@ -71,9 +71,10 @@ SELECT u.n, t.status AS terminal_status, t.merchant_id, t.current_batch,
        lpad(nextval('rrn_seq')::text, 12, '0') AS rrn, $3::date AS business_date,
        nx.expires_on AS next_date, nx.points AS next_points
 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(terminal_id, card, n)
-LEFT JOIN terminals t ON t.terminal_id = u.terminal_id
-LEFT JOIN merchants m ON m.merchant_id = t.merchant_id
-LEFT JOIN cards c ON c.card_index = u.card
+-- LATERAL lookups: one index probe per request, whatever the planner thinks of unnest's size
+LEFT JOIN LATERAL (SELECT * FROM terminals WHERE terminal_id = u.terminal_id) t ON true
+LEFT JOIN LATERAL (SELECT * FROM merchants WHERE merchant_id = t.merchant_id) m ON true
+LEFT JOIN LATERAL (SELECT * FROM cards WHERE card_index = u.card) c ON true
 LEFT JOIN LATERAL (
     SELECT l.expires_on, sum(l.points_left) AS points FROM point_lots l
     WHERE l.card_index = u.card AND l.points_left > 0 AND l.expires_on IS NOT NULL
@@ -103,7 +104,7 @@ WITH decided AS (
 ), cards_moved AS (
     UPDATE cards c SET points_balance = c.points_balance + e.points, updated_at = now()
     FROM (SELECT card_index, sum(points) AS points FROM earned GROUP BY card_index) e
-    WHERE c.card_index = e.card_index
+    WHERE c.card_index = e.card_index AND c.card_index = ANY($19::text[])
 ), lots AS (
     INSERT INTO point_lots (card_index, request_id, origin, earned_on, expires_on, points_earned, points_left)
     SELECT card_index, request_id, 'accrual', $18::date, expires_on, points, points FROM earned
@@ -288,7 +289,7 @@ class GroupCommitter:
         self._decide(items, taken, host_time)
         logged = [it for it in items if it not in taken and it.decision is not None and it.decision.logged]
         if logged:
-            rows = await con.fetch(_WRITE, *self._rows(logged), day)
+            rows = await con.fetch(_WRITE, *self._rows(logged), day, sorted({it.card_index for it in logged}))
             ids = {r["request_key"]: r["request_id"] for r in rows}
             for it in logged:
                 it.request_id = ids.get(str(it.cmd.key))
