@@ -42,7 +42,7 @@ def _cli(*args: str, env: dict[str, str] | None = None, check: bool = True,
 
 class Server:
     def __init__(self, tmp: Path, *, dsn: str | None, data_dir: Path | None = None, log_level: str = "info",
-                 env: dict[str, str] | None = None, extra_config: str = ""):
+                 env: dict[str, str] | None = None, extra_config: str = "", extra_args: tuple[str, ...] = ()):
         self.cup, self.iso = _free_port(), _free_port()
         self.config = tmp / "pointswitch.toml"
         self.config.write_text(
@@ -52,7 +52,7 @@ class Server:
             f'framing = "ascii4"\n\n[limits]\nshutdown_grace_s = 10\n' + extra_config
         )
         self.stderr_path = tmp / f"serve-{self.cup}.log"
-        args = [*PS, "serve", "--config", str(self.config), "--log-level", log_level]
+        args = [*PS, "serve", "--config", str(self.config), "--log-level", log_level, *extra_args]
         if dsn:
             args += ["--dsn", dsn]
         env = {**os.environ, **(env or {})}
@@ -62,12 +62,12 @@ class Server:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self.stderr, env=env)
         self.events: list[dict] = []
 
-    def wait_ready(self, timeout_s: float = 60) -> list[dict]:
+    def wait_ready(self, timeout_s: float = 60, listeners: int = 2) -> list[dict]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"serve exited: {self.stderr_path.read_text()}"
             ready = [e for e in self.read_events() if e.get("event") == "listener ready"]
-            if len(ready) == 2:
+            if len(ready) == listeners:
                 return ready
             time.sleep(0.1)
         raise AssertionError("listeners not ready: " + self.stderr_path.read_text())
@@ -85,6 +85,35 @@ class Server:
         code = self.proc.wait(30)
         self.stderr.close()
         return code
+
+
+async def test_serve_with_two_workers_shares_the_ports_and_stops_cleanly(switch, network, tmp_path):
+    """Two worker processes on the same ports (SO_REUSEPORT): connections are spread
+    over both, a terminal signed on through one is served by the other (the session
+    cache is coherent across processes), every accrual posts once, SIGTERM stops all."""
+    server = Server(tmp_path, dsn=switch.dsn, env={"POINTSWITCH_MASTER_KEY": switch.master_key_hex},
+                    extra_args=("--workers", "2"))
+    try:
+        server.wait_ready(listeners=4)
+        running = [e for e in server.read_events() if e.get("event") == "switch running"]
+        assert sorted(e["worker"] for e in running) == [0, 1] and len({e["pid"] for e in running}) == 2
+        network.ports = {"cup": server.cup, "iso87": server.iso}
+        terms = [network.terminal(0, sign_on=i == 0) for i in range(12)]
+        for t in terms:
+            await t.connect()
+        for i, t in enumerate(terms[1:], 1):
+            t.pik, t.mak, t.trace = terms[0].pik, terms[0].mak, 100 * i  # one terminal: traces of its own
+        try:
+            replies = [await t.accrue(network.cards[0], 1000) for t in terms]
+        finally:
+            for t in terms:
+                await t.close()
+        assert {r.rc for r in replies} == {"00"}
+        assert await network.balance(network.cards[0]) == 120
+        served = {e["worker"] for e in server.read_events() if e.get("event") == "transaction"}
+        assert served == {0, 1}, "both workers served transactions"
+    finally:
+        assert server.stop() == 0
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import asyncpg
 import structlog
 
 from .codecs import dialect, framing
-from .config import Config, ListenerConfig
+from .config import WORKER_ENV, Config, ListenerConfig
 from .ledger import ExpiryRule, GroupCommit, Ledger, Operation, UsageRule, days
 from .ledger.database import (
     CONNECT_ERRORS,
@@ -179,7 +179,7 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             )
             for lc in config.listeners
         ]
-        switch = Switch(listeners, config.limits, guard)
+        switch = Switch(listeners, config.limits, guard, reuse_port=config.workers > 1)
         try:
             await switch.start()
             try:
@@ -200,13 +200,13 @@ async def serve(config: Config, dsn: str, vault: Vault) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if config.metrics.port:
+    if config.metrics.port and os.environ.get(WORKER_ENV, "0") == "0":  # one worker serves the metrics
         import prometheus_client
 
         prometheus_client.start_http_server(config.metrics.port, addr=config.metrics.host)
         log.info("metrics served", host=config.metrics.host, port=config.metrics.port, path="/metrics")
     async with running_switch(config, dsn, vault):
-        log.info("switch running", listeners=len(config.listeners))
+        log.info("switch running", listeners=len(config.listeners), pid=os.getpid())
         await stop.wait()
         log.info("stopping: no new connections, finishing requests in flight")
     log.info("stopped")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from .. import config as config_mod
 from .. import logs
+from ..config import WORKER_ENV
 from . import common
 
 
@@ -17,7 +19,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..ledger.vault import VaultError
 
     cfg = common.config(args)
+    if args.workers is not None:
+        cfg.workers = args.workers
     logs.configure(cfg.log_level)
+    if cfg.workers > 1 and not os.environ.get(WORKER_ENV):
+        return _serve_workers(args, cfg)
+    if os.environ.get(WORKER_ENV):  # every line of a worker says which one
+        import structlog
+
+        structlog.contextvars.bind_contextvars(worker=int(os.environ[WORKER_ENV]))
     if not cfg.database.dsn:
         common.vault(cfg, True)  # refuse before starting anything when the key is unusable
     else:
@@ -37,6 +47,72 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if embedded:
             embedded.stop()
     return 0
+
+
+def _serve_workers(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    """``serve --workers N``: N processes share each listener's port (SO_REUSEPORT; the
+    kernel spreads connections over them). This process prepares the database (starts
+    the embedded server, migrates) once, starts the workers on it, passes SIGTERM and
+    SIGINT on, and stops them all when one of them stops."""
+    import signal
+    import subprocess
+    import time
+
+    from ..app import database
+    from ..ledger.database import DatabaseStartError
+
+    if any(lc.port == 0 for lc in cfg.listeners):
+        sys.exit("pointswitch: serve --workers needs fixed listener ports (a port 0 would differ in each worker)")
+    if not cfg.database.dsn:
+        common.vault(cfg, True)
+    dsn, embedded = common.resolve_dsn(cfg)
+    vault = common.vault(cfg, embedded is not None)
+
+    async def prepare() -> None:
+        async with database(cfg, dsn, vault):
+            pass
+
+    env = dict(os.environ, POINTSWITCH_DSN=dsn)
+    if embedded is not None and not env.get("POINTSWITCH_MASTER_KEY") and not cfg.security.master_key_file:
+        env["POINTSWITCH_SECURITY_MASTER_KEY_FILE"] = str(cfg.data_dir / "master.key")  # the path, not the key
+    argv = sys.argv[1:]
+    workers: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+
+    try:
+        asyncio.run(prepare())
+        if embedded is not None and cfg.database.restart_embedded:
+            embedded.watch()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        for n in range(cfg.workers):
+            workers.append(subprocess.Popen([sys.executable, "-m", "pointswitch", *argv],
+                                            env={**env, WORKER_ENV: str(n)}))
+        codes: dict[int, int] = {}
+        while len(codes) < len(workers):
+            for n, w in enumerate(workers):
+                if n not in codes and w.poll() is not None:
+                    codes[n] = w.returncode
+                    if not stopping:  # a worker stopped by itself: stop the others, report it
+                        print(f"pointswitch: worker {n} exited {w.returncode}: stopping the others", file=sys.stderr)
+                        stop(0, None)
+            time.sleep(0.1)
+        return 0 if all(code == 0 for code in codes.values()) else 1
+    except DatabaseStartError as exc:
+        sys.exit(f"pointswitch: cannot start: {exc}")
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+        if embedded:
+            embedded.stop()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -72,6 +148,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sp = sub.add_parser("serve", help="run the switch")
     common.db_opts(sp)
     sp.add_argument("--log-level", choices=list(logs.LEVELS))
+    sp.add_argument("--workers", type=int, help="processes sharing the listeners' ports (default: [workers] or 1)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("migrate", help="apply pending database migrations")

@@ -59,9 +59,11 @@ from .sections import (
     UsageConfig,
 )
 
+WORKER_ENV = "POINTSWITCH_WORKER"  # set by ``serve --workers`` in each worker process: its number
+
 __all__ = [
     "Config", "load", "ConfigError", "ConnectorConfig", "DEFAULT_LISTENERS", "DatabaseConfig", "DayConfig",
-    "ExpiryConfig", "Limits", "ListenerConfig", "MetricsConfig", "SecurityConfig", "UsageConfig"
+    "ExpiryConfig", "Limits", "ListenerConfig", "MetricsConfig", "SecurityConfig", "UsageConfig", "WORKER_ENV",
 ]
 
 
@@ -78,6 +80,7 @@ class Config:
     day: DayConfig = field(default_factory=DayConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
     log_level: str = "info"
+    workers: int = 1  # serve processes sharing the listeners' ports (SO_REUSEPORT); ``serve --workers``
 
     @property
     def data_dir(self) -> Path:
@@ -129,7 +132,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "day", "expiry", "log_level"}
+                          "metrics", "day", "expiry", "log_level", "workers"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -161,6 +164,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     config.expiry.validate()
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
+    if "workers" in raw:
+        config.workers = _coerce("int", raw["workers"], "workers")
     # Environment overrides the file.
     prefix_sections = {"POINTSWITCH_LIMITS_": ("limits", config.limits),
                        "POINTSWITCH_DATABASE_": ("database", config.database),
@@ -199,6 +204,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         if rate <= 0 or usage.fee_points < 0 or usage.min_amount_fen < 1 or usage.daily_limit_fen < 0:
             raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
     config.day.validate()
+    if not 1 <= config.workers <= 64:
+        raise ConfigError(f"workers is 1 to 64, not {config.workers}")
     db = config.database
     if db.group_commit_writers < 0 or db.group_commit_max_batch < 1:
         raise ConfigError("[database] group_commit_writers >= 0 and group_commit_max_batch >= 1")

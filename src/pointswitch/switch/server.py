@@ -223,8 +223,9 @@ class Connection(asyncio.Protocol):
 
 
 class Switch:
-    def __init__(self, listeners: list[Listener], limits: Limits, guard: PeerGuard):
+    def __init__(self, listeners: list[Listener], limits: Limits, guard: PeerGuard, *, reuse_port: bool = False):
         self.listeners = listeners
+        self.reuse_port = reuse_port  # several worker processes share each port (SO_REUSEPORT)
         self.limits = limits
         self.guard = guard
         guard.on_ban = self.close_peer
@@ -243,7 +244,8 @@ class Switch:
         loop = asyncio.get_running_loop()
         for lst in self.listeners:
             server = await loop.create_server(
-                functools.partial(Connection, self, lst), lst.host, lst.port, reuse_address=True, backlog=512
+                functools.partial(Connection, self, lst), lst.host, lst.port, reuse_address=True, backlog=512,
+                reuse_port=self.reuse_port or None,
             )
             self.servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
