@@ -50,6 +50,7 @@ MIB = 1024 * 1024
 EXPECTED_DECLINES = {"51"}  # redeeming more points than the card holds: the load's normal refusals
 MAX_FAILURE_RATE = 0.01  # unexpected codes and transport errors, as a share of requests
 SAMPLE_S = 0.2  # memory and CPU sampling period
+LOAD_GENERATOR_LIMIT = 90.0  # % of one core: the load generator (one process, one thread) is the limit past this
 OTHER_CPU_WARNING = 15.0  # % of one core used by other processes during a measurement: its figures are disturbed
 
 
@@ -85,6 +86,8 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="throughput.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="serve --workers: switch processes sharing the port (default 1)")
     p.add_argument("--connections", type=positive_int, default=8,
                    help="terminal connections of the load generator, and pgbench clients (default 8)")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load, and of pgbench (default 20)")
@@ -174,6 +177,34 @@ def port_accepts(port: int) -> bool:
 def cpu_seconds(proc: psutil.Process) -> float:
     times = proc.cpu_times()
     return float(times.user + times.system)
+
+
+def tree(proc: psutil.Process) -> list[psutil.Process]:
+    """A process and its descendants (``serve --workers``: the parent and its workers)."""
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
+def tree_cpu_seconds(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in tree(proc):
+        try:
+            total += cpu_seconds(p)
+        except psutil.Error:
+            continue
+    return total
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in tree(proc):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
 
 
 # -- the build under test --------------------------------------------------------------
@@ -303,7 +334,7 @@ class CpuMeter:
         self.machine = machine_busy_seconds()
         self.children = self._children()
         self.processes = process_cpu()
-        self.switch_start = cpu_seconds(self.switch) if self.switch else 0.0
+        self.switch_start = tree_cpu_seconds(self.switch) if self.switch else 0.0
         self.pg_start = pg.cpu_seconds()
         self.pg_seen = dict(self.pg_start)
         self.switch_seen = self.switch_start
@@ -317,7 +348,7 @@ class CpuMeter:
         self.pg_seen.update(self.pg.cpu_seconds())
         if self.switch:
             try:
-                self.switch_seen = cpu_seconds(self.switch)
+                self.switch_seen = tree_cpu_seconds(self.switch)
             except psutil.Error:
                 pass
 
@@ -359,6 +390,7 @@ class Switch:
     folder: Path
     env: dict[str, str]
     log_level: str
+    workers: int = 1  # serve --workers
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = Path()
@@ -377,7 +409,7 @@ class Switch:
         )
         self.log_path = self.folder / "switch.log"
         cmd = [str(self.build.executable), "serve", "--config", str(config), "--dsn", self.dsn,
-               "--log-level", self.log_level]
+               "--log-level", self.log_level, *(["--workers", str(self.workers)] if self.workers > 1 else [])]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -456,21 +488,21 @@ def run_load(switch: Switch, pg: Postgres, args: argparse.Namespace, tmk: str | 
         if tmk:
             cmd += ["--tmk", tmk]
     process = psutil.Process(switch.pid)
-    rss = [process.memory_info().rss]
+    rss = [tree_rss(process)]
     meter = CpuMeter(pg, switch.pid)
 
     def tick() -> None:
         if not switch.alive():
             raise BenchError(f"the switch exited under load:\n{switch.log_tail()}")
         try:
-            rss.append(process.memory_info().rss)
+            rss.append(tree_rss(process))
         except psutil.Error:
             pass
         meter.tick()
 
     out = run(cmd, env=switch.env, timeout=args.duration + 120, tick=tick)
     cpu = meter.finish()
-    rss.append(process.memory_info().rss)
+    rss.append(tree_rss(process))
     try:
         report: dict[str, Any] = json.loads(out)
     except ValueError as exc:
@@ -582,6 +614,9 @@ def check(result: dict[str, Any]) -> tuple[list[str], list[str]]:
         problems.append(f"pgbench: {result['pgbench']['failed_transactions']} failed transactions")
     if disturbed(load["cpu_percent_of_one_core"]):
         warnings.append("other processes used the CPU during the load: the switch's figures are low")
+    generator = float(load["cpu_percent_of_one_core"].get("load_generator", 0.0))
+    if generator >= LOAD_GENERATOR_LIMIT:
+        warnings.append(f"the load generator used {generator} % of a core: it, not the switch, limited this run")
     if disturbed(result["pgbench"]["cpu_percent_of_one_core"]):
         warnings.append("other processes used the CPU during pgbench: its figure is low")
     return problems, warnings
@@ -601,7 +636,7 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         say(f"starting embedded PostgreSQL in {pg.folder}")
         pg.start()
         say(f"PostgreSQL {pg.version}, socket {pg.host}")
-        switch = Switch(build, pg.dsn, folder, env, args.log_level)
+        switch = Switch(build, pg.dsn, folder, env, args.log_level, workers=args.workers)
         extra = ""
         if "cash_out" in parse_mix(args.mix):  # conversions go through a bank simulator process
             bank_port = free_port()
@@ -658,7 +693,8 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     tps = float(load.get("throughput_tps", 0.0))
     result: dict[str, Any] = {
         "machine": {**machine(), "postgresql": pg.version},
-        "settings": {"connections": args.connections, "depth": args.depth, "duration_s": args.duration,
+        "settings": {"workers": args.workers, "connections": args.connections, "depth": args.depth,
+                     "duration_s": args.duration,
                      "terminals": args.terminals, "cards": args.cards, "mix": args.mix,
                      "switch_log_level": args.log_level},
         "build": {"executable": str(build.executable), "package": build.package_dir, "commit": build.commit,
