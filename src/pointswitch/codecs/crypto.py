@@ -65,7 +65,9 @@ def check_value(key: bytes) -> bytes:
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("XOR of blocks of different lengths")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def _zero_pad(data: bytes) -> bytes:
@@ -80,10 +82,10 @@ def mac_cup_ecb(mak: bytes, data: bytes) -> bytes:
     8; encrypt again; the MAC is the first 8 characters of the uppercase hex of
     that block."""
     padded = _zero_pad(data)
-    r = bytes(8)
-    for i in range(0, len(padded), 8):
-        r = _xor(r, padded[i : i + 8])
-    r_hex = r.hex().upper().encode("ascii")
+    acc = 0
+    for i in range(0, len(padded), 8):  # as integers: a message is some 20 blocks
+        acc ^= int.from_bytes(padded[i : i + 8], "big")
+    r_hex = acc.to_bytes(8, "big").hex().upper().encode("ascii")
     first = encrypt(mak, r_hex[:8])
     second = encrypt(mak, _xor(first, r_hex[8:]))
     return second.hex().upper()[:8].encode("ascii")
