@@ -9,14 +9,16 @@ arrive while the writers are busy form the next batches. One batch is six round
 trips whatever its size:
 
 1. BEGIN;
-2. the business date (the shared day lock, first, as every posting transaction),
-   then the batch's terminal rows key-share locked and its card rows locked
+2. the business date (the shared day lock, first, as every posting transaction)
+   and which of the batch's keys are taken already (those are answered from the
+   log after COMMIT; knowing the others free is what lets a later 96 be true);
+3. the batch's terminal rows key-share locked and its card rows locked
    ``FOR UPDATE`` in card order (so concurrent batches never deadlock);
-3. the context of every request, read after the locks (balances are exact);
-4. the request rows, ``ON CONFLICT DO NOTHING``: a key taken meanwhile (a
-   retransmission racing its original) drops that request alone, which is then
-   answered from the log, and its neighbours' outcomes are decided again;
-5. the cards' balances, the postings and the lots, in one statement;
+4. the context of every request, read after the locks (balances are exact);
+5. one statement: the request rows ``ON CONFLICT DO NOTHING`` and, for those
+   whose key was free, the cards' balances, the lots and the postings (a key
+   taken meanwhile drops that request alone; its neighbours on the same card
+   are decided again and their stored outcomes corrected);
 6. COMMIT (``synchronous_commit`` as configured: on by default).
 
 Each request decides in arrival order (``decide.decide_accrual``) against the
@@ -162,7 +164,7 @@ class GroupCommitter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        while not self._queue.empty():  # nothing of these began: they can be answered 96 truthfully
+        while not self._queue.empty():  # nothing of these began (their keys unchecked: not answered)
             item = self._queue.get_nowait()
             if not item.future.done():
                 item.future.set_exception(gate.Abandoned())
