@@ -19,7 +19,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..ledger.vault import VaultError
 
     cfg = common.config(args)
-    if args.workers is not None:
+    if getattr(args, "workers", None) is not None:
+        if not 1 <= args.workers <= 64:
+            sys.exit(f"pointswitch: --workers is 1 to 64, not {args.workers}")
         cfg.workers = args.workers
     logs.configure(cfg.log_level)
     if cfg.workers > 1 and not os.environ.get(WORKER_ENV):
