@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pointswitch.ledger.decide import decide_accrual
-from pointswitch.ledger.model import ExpiryRule, Posting, RequestKey
+from pointswitch.ledger.model import ExpiryRule, Posting, RequestKey, Status
 
 from .test_idempotency import _postings
 
@@ -122,3 +122,29 @@ async def test_group_commit_keeps_every_card_exact_under_many_connections_and_re
         expected = sum(10 * (1 + i % 7) for i in range(48) if i % 3 == c)
         assert await network.balance(network.cards[c]) == expected
         assert await _postings(network, network.cards[c]) == 16
+
+
+async def test_two_accruals_of_one_card_in_one_batch_tell_the_running_balance_and_expiry(network):
+    """Decided in arrival order against what the card has so far in the batch: the
+    second of two accruals on one card is told the balance and the soonest expiry
+    with the first one's points in them."""
+    import asyncpg
+
+    from pointswitch.ledger import GroupCommit, Ledger, Operation
+
+    pool = await asyncpg.create_pool(network.dsn, min_size=1, max_size=3)
+    ledger = Ledger(pool, network.vault, expiry=ExpiryRule("months", months=24),
+                    group_commit=GroupCommit(writers=1, max_batch=8, queue_size=16))
+    await ledger.start(lambda: asyncpg.connect(network.dsn))
+    try:
+        tid, card = network.terminal_ids[0], network.cards[0]
+        first, second = await asyncio.gather(*(
+            ledger.execute(Posting(tid, network.merchant_id, RequestKey(tid, 1, 900 + i), card, 1000 * (i + 1),
+                                   Operation.ACCRUE)) for i in range(2)))
+    finally:
+        await ledger.stop()
+        await pool.close()
+    assert (first.status, second.status) == (Status.APPROVED, Status.APPROVED)
+    assert (first.points_balance, second.points_balance) == (10, 30)
+    assert first.extra["next_expiry"]["points"] == 10 and second.extra["next_expiry"]["points"] == 30
+    assert first.extra["next_expiry"]["date"] == second.extra["next_expiry"]["date"]

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -287,7 +287,7 @@ class GroupCommitter:
         await con.fetchrow(_LOCK, sorted(set(terminals)), sorted(set(cards)))
         for it, ctx in zip(live, await con.fetch(_CONTEXT, terminals, cards, day), strict=True):
             it.context = ctx
-        host_time = datetime.now().astimezone().isoformat(timespec="seconds")
+        host_time = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self._decide(items, taken, host_time)
         logged = [it for it in items if it not in taken and it.decision is not None and it.decision.logged]
         if logged:
@@ -313,7 +313,10 @@ class GroupCommitter:
                 await con.execute(_REOUTCOME, it.request_id, it.decision.outcome.to_json())
 
     def _decide(self, items: list[_Item], taken: set[_Item], host_time: str) -> None:
+        """Each request in arrival order, against what its card has so far in the batch:
+        the balance, and the soonest expiry (what the member is told in field 44)."""
         balances: dict[str, int] = {}
+        soonest: dict[str, tuple[datetime.date, int] | None] = {}
         for it in items:
             if it in taken:
                 continue
@@ -321,13 +324,17 @@ class GroupCommitter:
             card = it.card_index
             if ctx["card_status"] is not None and card not in balances:
                 balances[card] = int(ctx["points_balance"])
-            dated = (ctx["next_date"], int(ctx["next_points"])) if ctx["next_date"] is not None else None
+            if card not in soonest:
+                soonest[card] = (ctx["next_date"], int(ctx["next_points"])) if ctx["next_date"] is not None else None
             auth = it.decision.outcome.auth_code if it.decision is not None else f"{secrets.randbelow(10**6):06d}"
             it.decision = decide_accrual(
                 ctx if ctx["terminal_status"] is not None else None, it.cmd, balance=balances.get(card),
-                dated=dated, expiry=self.core.expiry, host_time=host_time, auth_code=auth)
+                dated=soonest[card], expiry=self.core.expiry, host_time=host_time, auth_code=auth)
             if it.decision.points:
                 balances[card] += it.decision.points
+                told = it.decision.outcome.extra.get("next_expiry")
+                if told is not None:
+                    soonest[card] = (datetime.date.fromisoformat(told["date"]), int(told["points"]))
 
     @staticmethod
     def _rows(items: list[_Item]) -> list[list[Any]]:
