@@ -74,7 +74,7 @@ class Server:
 
     def read_events(self) -> list[dict]:
         out = []
-        for line in self.stderr_path.read_text().splitlines():
+        for line in self.stderr_path.read_text().split("\n")[:-1]:  # whole lines only: serve may be writing
             if line.startswith("{"):
                 out.append(json.loads(line))
         return out

@@ -77,7 +77,9 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per line (print would write the newline apart): the lines of several
+        # processes on one stream (serve --workers) never run into each other.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(LEVELS[level], logging.INFO), stream=stream,
