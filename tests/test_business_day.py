@@ -288,3 +288,30 @@ async def test_closing_a_day_expires_the_points_due_and_books_the_breakage_on_it
         assert again["changed"] is False and again["points_expired"] == 200  # nothing expires twice
         async with day.running.pool.acquire() as con:
             assert await admin.check_invariants(con) == []
+
+
+async def test_a_cut_off_waits_for_a_posting_that_took_the_day_before_it(switch, tmp_path):
+    """A posting that took its business date and is still writing (here: waiting for its
+    card's row) holds the cut-off: the day is cleared with it, never without it and then
+    changed by it."""
+    async with day_switch(switch, tmp_path) as day:
+        d1 = await day.open_day()
+        async with day.terminal("TDA00001", "MA0000000000001") as a:
+            blocker = await asyncpg.connect(day.dsn)
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("SELECT 1 FROM cards FOR UPDATE")
+            try:
+                accrual = asyncio.create_task(a.accrue(CARD, 1000))
+                await asyncio.sleep(0.5)  # it has its business date and waits for the card
+                closing = asyncio.create_task(days.close_day(day.running.pool, day.running.ledger))
+                await asyncio.sleep(0.5)
+                assert not closing.done(), "the cut-off waits for the posting in flight"
+            finally:
+                await tx.rollback()
+                await blocker.close()
+            reply, closed = await accrual, await closing
+        assert reply.approved and reply.fields["15"] == _mmdd(d1)
+        assert _position(closed.report, "MA0000000000001")["points_issued"] == 10
+        async with day.running.pool.acquire() as con:
+            assert await days.verify_days(con) == []
