@@ -121,43 +121,12 @@ def resolve_dsn(cfg: config_mod.Config) -> tuple[str, EmbeddedServer | None]:
         sys.exit(f"pointswitch: cannot start: {exc}")
 
 
-def with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
-    """Run ``fn(connection, vault)`` against the configured database (migrated)."""
-    from ..app import database
-    from ..ledger.admin import AdminError
-    from ..ledger.database import DatabaseStartError
-    from ..ledger.pins import PinFormatError
-    from ..ledger.vault import VaultError
-
-    cfg = config(args)
-    logs.configure("warning")
-    if cfg.database.dsn:
-        vault(cfg, False)
-    dsn, embedded = resolve_dsn(cfg)
-    the_vault = vault(cfg, embedded is not None)
-
-    async def run() -> Any:
-        async with database(cfg, dsn, the_vault) as pool, pool.acquire() as con:
-            return await fn(con, the_vault)
-
-    try:
-        return asyncio.run(run())
-    except (AdminError, PinFormatError, VaultError) as exc:
-        sys.exit(f"pointswitch: {exc}")
-    except DatabaseStartError as exc:
-        sys.exit(f"pointswitch: cannot start: {exc}")
-    finally:
-        if embedded:
-            embedded.stop()
-
-
-def with_ledger(args: argparse.Namespace, fn: Callable[[Any, config_mod.Config], Awaitable[Any]],
+def on_database(args: argparse.Namespace, fn: Callable[[Any, Any, config_mod.Config], Awaitable[Any]],
                 errors: tuple[type[Exception], ...] = ()) -> Any:
-    """Run ``fn(ledger, config)`` against the configured database (migrated): for
-    commands that move points or close days, in transactions of their own. An error
-    of ``errors`` ends the command with its message on stderr, exit code 1."""
+    """Run ``fn(pool, vault, config)`` against the configured database (migrated). An
+    error of ``errors`` (or the vault's) ends the command with its message on stderr,
+    exit code 1; a database that cannot be reached, with "cannot start"."""
     from ..app import database
-    from ..ledger import Ledger
     from ..ledger.database import DatabaseStartError
     from ..ledger.vault import VaultError
 
@@ -170,11 +139,7 @@ def with_ledger(args: argparse.Namespace, fn: Callable[[Any, config_mod.Config],
 
     async def run() -> Any:
         async with database(cfg, dsn, the_vault) as pool:
-            ledger = Ledger(pool, the_vault, pin_workers=1)
-            try:
-                return await fn(ledger, cfg)
-            finally:
-                ledger.close()
+            return await fn(pool, the_vault, cfg)
 
     expected: tuple[type[Exception], ...] = (VaultError, *errors)
     try:
@@ -186,3 +151,31 @@ def with_ledger(args: argparse.Namespace, fn: Callable[[Any, config_mod.Config],
     finally:
         if embedded:
             embedded.stop()
+
+
+def with_db(args: argparse.Namespace, fn: Callable[[Any, Any], Awaitable[Any]]) -> Any:
+    """Run ``fn(connection, vault)`` against the configured database (migrated)."""
+    from ..ledger.admin import AdminError
+    from ..ledger.pins import PinFormatError
+
+    async def on_connection(pool: Any, the_vault: Any, _cfg: config_mod.Config) -> Any:
+        async with pool.acquire() as con:
+            return await fn(con, the_vault)
+
+    return on_database(args, on_connection, (AdminError, PinFormatError))
+
+
+def with_ledger(args: argparse.Namespace, fn: Callable[[Any, config_mod.Config], Awaitable[Any]],
+                errors: tuple[type[Exception], ...] = ()) -> Any:
+    """Run ``fn(ledger, config)`` against the configured database (migrated): for
+    commands that move points or close days, in transactions of their own."""
+    from ..ledger import Ledger
+
+    async def on_ledger(pool: Any, the_vault: Any, cfg: config_mod.Config) -> Any:
+        ledger = Ledger(pool, the_vault, pin_workers=1)
+        try:
+            return await fn(ledger, cfg)
+        finally:
+            ledger.close()
+
+    return on_database(args, on_ledger, errors)
