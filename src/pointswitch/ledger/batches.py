@@ -1,7 +1,7 @@
 """Terminal batches: settlement closes one, batch upload and its reconciliation follow.
 
 The switch owns each terminal's batch (``terminals.current_batch``): a posting in
-any other batch is refused (``core._check_terminal``). A settlement, in one
+any other batch is refused (``decide.terminal_refusal``). A settlement, in one
 transaction:
 
 1. asks for the business date first (``business_date_now()``, as every posting

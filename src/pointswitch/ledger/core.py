@@ -37,7 +37,7 @@ import asyncpg
 import structlog
 
 from . import gate
-from .decide import card_refusal, cash_value_fen, terminal_refusal
+from .decide import cash_value_fen, terminal_refusal
 from .group import GroupCommitter
 from .model import (
     Command,
@@ -251,16 +251,12 @@ class LedgerCore:
         retrieval reference; or the refusal when the terminal is unknown, disabled or
         not of that merchant."""
         ctx = await con.fetchrow(_CONTEXT, cmd.terminal_id, card)
-        bad = self._check_terminal(ctx, cmd)
+        # The terminal row is key-share locked by the context's read, so a settlement
+        # closing this batch waits for this transaction, and one that committed first is seen.
+        bad = terminal_refusal(ctx, cmd)
         if bad:
             return Outcome(bad, host_time=_now())
         return ctx
-
-    @staticmethod
-    def _check_terminal(ctx: asyncpg.Record | None, cmd: Command) -> Status | None:
-        # The terminal row is key-share locked by the context's read, so a settlement
-        # closing this batch waits for this transaction, and one that committed first is seen.
-        return terminal_refusal(ctx, cmd)
 
     async def stored(self, cmd: Posting) -> Outcome | None:
         """The answer already given under this request's key, if there is one (one read)."""
@@ -338,9 +334,6 @@ class LedgerCore:
             cash_value_fen=cash_value_fen(balance, ctx["redeem_value"]),
             rrn=ctx["rrn"], auth_code=_auth_code(), host_time=_now(), business_date=_day(ctx),
         )
-
-    def _card_problem(self, ctx: asyncpg.Record, cmd: Posting, *, spending: bool) -> Status | None:
-        return card_refusal(ctx, cmd, spending=spending)
 
     async def _original(self, con: asyncpg.Connection, cmd: Posting, ref: OriginalRef
                         ) -> asyncpg.Record | None:

@@ -10,6 +10,7 @@ import asyncpg
 import structlog
 
 from .core import _BUSINESS_DATE, _auth_code, _day, _now, cash_value_fen, points_for_cash
+from .decide import card_refusal
 from .lots import LotSteps
 from .model import CompleteUpstream, Operation, Outcome, Posting, Status
 
@@ -24,7 +25,7 @@ class HoldSteps(LotSteps):
         and log the request as pending; the caller sends the upstream leg."""
         rule, leg = self.usage.get(cmd.operation), cmd.upstream
         assert rule is not None and leg is not None, "routed only where a connector and a rule exist"
-        problem = self._card_problem(ctx, cmd, spending=True)
+        problem = card_refusal(ctx, cmd, spending=True)
         if problem is None and cmd.amount_fen < rule.min_amount_fen:
             problem = Status.INVALID_AMOUNT
         if problem is None and cmd.pin_required:

@@ -10,7 +10,7 @@ import asyncpg
 import structlog
 
 from .core import _auth_code, _day, _now, clawback_due, points_for_value
-from .decide import cash_value_fen, earned_points
+from .decide import card_refusal, cash_value_fen, earned_points
 from .lots import LotSteps
 from .model import Inquire, Operation, Outcome, Posting, Status
 
@@ -39,7 +39,7 @@ class PostingSteps(LotSteps):
         )
 
     async def _accrue(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
-        problem = self._card_problem(ctx, cmd, spending=True)
+        problem = card_refusal(ctx, cmd, spending=True)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         points = earned_points(cmd.amount_fen, ctx["earn_rate"])
@@ -54,7 +54,7 @@ class PostingSteps(LotSteps):
         return outcome
 
     async def _redeem(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
-        problem = self._card_problem(ctx, cmd, spending=True)
+        problem = card_refusal(ctx, cmd, spending=True)
         if problem is None and cmd.pin_required:
             problem = cmd.pin_refusal
         if problem:
@@ -69,7 +69,7 @@ class PostingSteps(LotSteps):
         return outcome
 
     async def _void(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
-        problem = self._card_problem(ctx, cmd, spending=False)
+        problem = card_refusal(ctx, cmd, spending=False)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         assert cmd.original is not None
@@ -106,7 +106,7 @@ class PostingSteps(LotSteps):
         return outcome
 
     async def _refund(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting) -> Outcome:
-        problem = self._card_problem(ctx, cmd, spending=False)
+        problem = card_refusal(ctx, cmd, spending=False)
         if problem:
             return await self._decline(con, ctx, cmd, problem)
         assert cmd.original is not None
