@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shutil
 import signal
 import sys
@@ -37,6 +35,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+from measure import machine  # noqa: E402 - bench/ is scripts, not a package
 
 
 def say(message: str) -> None:
@@ -150,18 +150,8 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "close_s": round(total_s, 2), "verify_s": round(verify_s, 2), "verify_problems": problems,
         "postings_per_s": round(report["postings"] / total_s), "postings_table": size,
         "bench_rss_mib_delta": round((psutil.Process().memory_info().rss - rss_before) / 2**20, 1),
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
     }
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _interrupt(_sig: int, _frame: object) -> None:
