@@ -42,6 +42,7 @@ class SwitchUnderTest:
     embedded: EmbeddedServer
     vault: Vault
     master_key_hex: str
+    http: tuple[str, int] = ("127.0.0.1", 0)  # the web layer's address
     _stop: asyncio.Event | None = None
     _thread: threading.Thread | None = None
     _error: list[BaseException] = field(default_factory=list)
@@ -66,6 +67,7 @@ def _test_config() -> Config:
     cfg.security.sign_ons_per_minute_per_peer = 100_000
     # Days are closed by the tests that close them, never by the clock passing a cut-off mid-run.
     cfg.day.auto_close = False
+    cfg.http.port = 0  # a free port: several switches run side by side in one test session
     return cfg
 
 
@@ -94,6 +96,8 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
             holder["stop"] = stop
             async with running_switch(cfg, dsn, vault) as running:
                 holder["ports"] = {name: port for name, (_h, port) in running.switch.bound.items()}
+                assert running.web is not None and running.web.bound is not None
+                holder["http"] = running.web.bound
                 ready.set()
                 await stop.wait()
 
@@ -111,7 +115,7 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
     if "error" in holder:
         raise holder["error"]  # type: ignore[misc]
     sut = SwitchUnderTest(dsn, holder["ports"], cfg, holder["loop"], data_dir, embedded,  # type: ignore[arg-type]
-                          vault, master_key_hex)
+                          vault, master_key_hex, holder["http"])  # type: ignore[arg-type]
     yield sut
     loop: asyncio.AbstractEventLoop = holder["loop"]  # type: ignore[assignment]
     loop.call_soon_threadsafe(holder["stop"].set)  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ from .switch.forwarder import ReversalForwarder
 from .switch.guard import PeerGuard
 from .switch.health import DatabaseHealth
 from .switch.upstream import Connector
+from .web import WebServer, WebServices
 
 log = structlog.get_logger("pointswitch")
 
@@ -123,6 +124,7 @@ class Running:
     connectors: dict[str, Connector]
     forwarder: ReversalForwarder
     closer: DayCloser
+    web: WebServer | None = None
 
     def address(self, listener: str) -> tuple[str, int]:
         host, port = self.switch.bound[listener]
@@ -180,11 +182,19 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             for lc in config.listeners
         ]
         switch = Switch(listeners, config.limits, guard, reuse_port=config.workers > 1)
+        web = None
+        if config.http.enabled and os.environ.get(WORKER_ENV, "0") == "0":  # one worker serves the web layer
+            web = WebServer(WebServices(config, pool, ledger, {"connectors": connectors, "forwarder": forwarder,
+                                                               "closer": closer}))
         try:
             await switch.start()
+            if web is not None:
+                await web.start()
             try:
-                yield Running(switch, ledger, pool, connectors, forwarder, closer)
+                yield Running(switch, ledger, pool, connectors, forwarder, closer, web)
             finally:
+                if web is not None:
+                    await web.stop()
                 await switch.stop()
         finally:
             await closer.stop()

@@ -52,6 +52,7 @@ from .sections import (
     DatabaseConfig,
     DayConfig,
     ExpiryConfig,
+    HttpConfig,
     Limits,
     ListenerConfig,
     MetricsConfig,
@@ -63,7 +64,8 @@ WORKER_ENV = "POINTSWITCH_WORKER"  # set by ``serve --workers`` in each worker p
 
 __all__ = [
     "Config", "load", "ConfigError", "ConnectorConfig", "DEFAULT_LISTENERS", "DatabaseConfig", "DayConfig",
-    "ExpiryConfig", "Limits", "ListenerConfig", "MetricsConfig", "SecurityConfig", "UsageConfig", "WORKER_ENV",
+    "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MetricsConfig", "SecurityConfig", "UsageConfig",
+    "WORKER_ENV",
 ]
 
 
@@ -74,6 +76,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
@@ -132,7 +135,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "day", "expiry", "log_level", "workers"}
+                          "metrics", "http", "day", "expiry", "log_level", "workers"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -159,6 +162,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.database, raw.get("database", {}), "database")
     _apply(config.security, raw.get("security", {}), "security")
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
+    _apply(config.http, raw.get("http", {}), "http")
     _apply(config.day, raw.get("day", {}), "day")
     _apply(config.expiry, raw.get("expiry", {}), "expiry")
     config.expiry.validate()

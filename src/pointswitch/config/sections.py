@@ -112,6 +112,19 @@ class SecurityConfig:
 
 
 @dataclass
+class HttpConfig:
+    """The web layer (``pointswitch.web``): operator console, JSON API, ``/metrics``.
+    Served by one process (worker 0 with ``--workers``); ``enabled = false`` turns it off;
+    ``port = 0`` takes a free port (tests)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 64 * 1024  # a request body past this gets 413
+    shutdown_timeout_s: float = 5.0  # requests in flight finish within this at stop
+
+
+@dataclass
 class MetricsConfig:
     """Prometheus metrics over HTTP (``/metrics``); port 0 = not served."""
 

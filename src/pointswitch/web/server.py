@@ -1,0 +1,72 @@
+"""The HTTP server of the web layer: one aiohttp application, started beside the
+switch's listeners and stopped before them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import prometheus_client
+import structlog
+from aiohttp import web
+
+from ..config import Config
+
+log = structlog.get_logger("pointswitch.web")
+
+SERVICES: web.AppKey[WebServices] = web.AppKey("services")
+
+
+@dataclass
+class WebServices:
+    """What the web layer may use: the ledger and its pool (handed to the ledger's
+    functions, never queried here), the configuration, and the running parts whose
+    state the console shows."""
+
+    config: Config
+    pool: asyncpg.Pool
+    ledger: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def build_app(services: WebServices) -> web.Application:
+    app = web.Application(client_max_size=services.config.http.max_body_bytes)
+    app[SERVICES] = services
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _health)
+    return app
+
+
+class WebServer:
+    def __init__(self, services: WebServices) -> None:
+        self.services = services
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        http = self.services.config.http
+        self._runner = web.AppRunner(build_app(self.services), access_log=None,
+                                     shutdown_timeout=http.shutdown_timeout_s)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, http.host, http.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        host, port = sockets[0].getsockname()[:2] if sockets else (http.host, http.port)
+        self.bound = (host, port)
+        log.info("web layer serving", host=host, port=port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
