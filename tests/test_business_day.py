@@ -226,7 +226,7 @@ async def test_the_journal_is_append_only_and_a_changed_closed_day_is_found(swit
 
 
 async def test_what_the_journal_refers_to_is_never_deleted_and_an_orphan_is_found(switch, tmp_path):
-    """Decision 44: no per-row foreign keys from the journal; parents that can never go
+    """Decision 51: no per-row foreign keys from the journal; parents that can never go
     away instead, and `admin check` looking for orphans."""
     async with day_switch(switch, tmp_path) as day:
         async with day.terminal("TDA00001", "MA0000000000001") as a:
