@@ -174,7 +174,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     prefix_sections = {"POINTSWITCH_LIMITS_": ("limits", config.limits),
                        "POINTSWITCH_DATABASE_": ("database", config.database),
                        "POINTSWITCH_SECURITY_": ("security", config.security),
-                       "POINTSWITCH_DAY_": ("day", config.day)}
+                       "POINTSWITCH_DAY_": ("day", config.day),
+                       "POINTSWITCH_HTTP_": ("http", config.http)}
     for name, value in env.items():
         for prefix, (section, obj) in prefix_sections.items():
             if name.startswith(prefix):
