@@ -345,6 +345,8 @@ def test_bank_simulator_and_connector_state_from_the_command_line(switch, tmp_pa
         bank.send_signal(signal.SIGTERM)
         bank.wait(10)
     assert (paid["rc"], paid["points_balance"]) == ("00", 15)
+    logged = [e["op"] for e in server.read_events() if e.get("event") == "transaction"]
+    assert logged == ["sign_on", "accrue", "cash_out"], "the log line names the ledger's operation"
     bank_state = next(c["state"] for c in state if c["name"] == "bank")
     assert bank_state["links_up"] == 2 and bank_state["answered"] >= 1
     lines = [json.loads(line) for line in ledger.read_text().splitlines()]

@@ -31,7 +31,6 @@ from .ledger.saf import ReversalQueue
 from .ledger.scheduler import DayCloser
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
 from .routing import ListenerPolicy, Router
-from .routing.table import Op
 from .switch import FrameHandler, Listener, Switch
 from .switch.forwarder import ReversalForwarder
 from .switch.guard import PeerGuard
@@ -164,8 +163,7 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         connectors = {c.name: Connector(c, on_late=forwarder.on_late, identities=identities.next)
                       for c in config.connectors}
         forwarder.connectors = dict(connectors)
-        carried = {Op.POINTS_TO_CARD: config.cash_out.connector, Op.INSURANCE: config.insurance.connector}
-        router = Router(ledger, {op: connectors[name] for op, name in carried.items() if name in connectors},
+        router = Router(ledger, {op: connectors[u.connector] for op, u in usage.items() if u.connector in connectors},
                         guard)
         for connector in connectors.values():
             connector.start()
