@@ -49,13 +49,7 @@ class HoldSteps(LotSteps):
         outcome = Outcome(Status.PENDING, points_moved=points, points_balance=spent.balance,
                           cash_value_fen=cash_value_fen(spent.balance, ctx["redeem_value"]), rrn=ctx["rrn"],
                           host_time=_now(), business_date=_day(ctx))
-        request_id = await self._log(con, ctx, cmd, outcome)
-        await con.execute(
-            "UPDATE requests SET upstream_connector = $2, upstream_reference = $3, reversal_sealed = $4,"
-            " deadline_at = now() + make_interval(secs => $5) WHERE request_id = $1",
-            request_id, leg.connector, leg.reference, self._vault.seal(leg.reversal, f"reversal:{cmd.key}"),
-            leg.deadline_s,
-        )
+        request_id = await self._log(con, ctx, cmd, outcome, upstream=True)
         await self._post_drawn(con, request_id, "hold", spent.account, await self.operator_account(con, "holds"),
                                points, spent)
         return outcome
