@@ -81,9 +81,11 @@ class Ledger(PostingSteps, ReversalSteps, BatchSteps):
                 ctx = await self._context(con, cmd, card_index)
                 if isinstance(ctx, Outcome):
                     return ctx
-                if cmd.pin_required and not pin_checked:
+                if cmd.pin_required and not pin_checked:  # (locks the card row, as the steps expect)
                     cmd = replace(cmd, pin_refusal=await self._pins.check_locked(con, cmd.card_number, card_index,
                                                                                   cmd.pin))
+                elif cmd.pin_required:
+                    await con.execute("SELECT 1 FROM cards WHERE card_index = $1 FOR UPDATE", card_index)
                 step = _STEPS[cmd.operation]
                 return await step(self, con, ctx, cmd)
         except _KeyTaken:
