@@ -276,7 +276,8 @@ async def test_a_merchant_gets_its_clearing_statement_by_signed_webhook_when_the
         [hook] = await until(lambda: ms.inbox.to(MERCHANT), what="the clearing statement")
         assert hook["kind"] == "clearing_statement" and hook["signature_ok"]
         assert hook["data"]["business_date"] == closed.report["business_date"]
-        assert (hook["data"]["points_issued"], hook["data"]["issue_fee_fen"], hook["data"]["net_fen"]) == (300, 150, -150)
+        data = hook["data"]
+        assert (data["points_issued"], data["issue_fee_fen"], data["net_fen"]) == (300, 150, -150)
         assert hook["text"].startswith(f"Messages shop ({MERCHANT}) clearing of {closed.report['business_date']}")
         assert ms.inbox.to(OTHER_MERCHANT) == []  # no contact, nothing sent
         assert ms.inbox.refused == []

@@ -89,9 +89,9 @@ async def test_the_catcher_takes_a_signed_webhook_once_and_refuses_a_forged_stal
 
 async def test_sim_inbox_runs_as_a_process_and_writes_what_it_takes_as_json_lines(tmp_path):
     http_port, smtp_port, out = _free_port(), _free_port(), tmp_path / "inbox.jsonl"
-    proc = subprocess.Popen([*PS, "sim", "inbox", "--http-port", str(http_port), "--smtp-port", str(smtp_port),
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = await asyncio.create_subprocess_exec(
+        *PS, "sim", "inbox", "--http-port", str(http_port), "--smtp-port", str(smtp_port), "--out", str(out),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         sms = {"phone_numbers": "13700000000", "sign_name": "积分联盟", "template_code": "accrual",
                "template_param": json.dumps({"card": "628866******0017"}), "out_id": "key-1"}
@@ -110,6 +110,7 @@ async def test_sim_inbox_runs_as_a_process_and_writes_what_it_takes_as_json_line
         assert (record["to"], record["key"], record["params"]["card"]) == ("13700000000", "key-1", "628866******0017")
     finally:
         proc.terminate()
-        stdout, stderr = proc.communicate(timeout=10)
+        out_bytes, err_bytes = await asyncio.wait_for(proc.communicate(), 10)
+    stdout, stderr = out_bytes.decode(), err_bytes.decode()
     assert proc.returncode == 0, stderr
     assert '"key-1"' in stdout and f"SMTP 127.0.0.1:{smtp_port}" in stderr

@@ -139,7 +139,7 @@ class Messenger:
             try:
                 con = await connect()
                 lost = asyncio.Event()
-                con.add_termination_listener(lambda _c, lost=lost: lost.set())  # type: ignore[misc]
+                con.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await con.add_listener(outbox.NOTIFY_CHANNEL, lambda *_args: self._wake.set())
                 self._listener = con
                 await lost.wait()
