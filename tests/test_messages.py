@@ -301,6 +301,22 @@ async def test_no_clear_card_number_or_address_is_stored_beside_a_message_or_log
     assert any(e.get("event") == "message not delivered; trying again" for e in logged)
 
 
+async def test_messages_for_a_channel_switched_off_wait_until_max_age_and_are_given_up(switch, tmp_path):
+    async with messaging_switch(switch, tmp_path, smtp_host="", max_age_s=1.0, expiring_check_interval_s=0.2) as ms:
+        await ms.subscribe(CARDS[0], "email", "off@example.com")  # e-mail is off: no SMTP server configured
+        async with ms.terminal() as t:
+            assert (await t.accrue(CARDS[0], 1_000)).approved
+
+        async def given_up():
+            rows = await ms.outbox()
+            return rows and rows[0]["failed_at"] and rows[0]
+
+        row = await until(given_up, what="the message given up")
+        assert row["last_error"] == "not delivered within max_age_s" and row["attempts"] == 0
+        assert (row["failed_at"] - row["created_at"]).total_seconds() >= 1.0
+        assert ms.inbox.received == []
+
+
 async def test_contacts_refuse_what_is_not_an_address_and_webhooks_need_a_long_secret(switch, tmp_path):
     async with messaging_switch(switch, tmp_path) as ms:
         async with ms.running.pool.acquire() as con:

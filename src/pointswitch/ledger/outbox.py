@@ -123,6 +123,20 @@ async def queue_points_expiring(con: asyncpg.Connection, within_days: int) -> in
         within_days))
 
 
+async def give_up_old(con: asyncpg.Connection, max_age_s: float) -> dict[str, int]:
+    """Fail every waiting message older than ``max_age_s`` (of a channel switched off,
+    or held for long), so that the outbox does not grow without bound. Per channel:
+    how many. Rows a worker holds are left to it (it applies the same age)."""
+    rows = await con.fetch(
+        "WITH old AS (SELECT message_id FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
+        "             AND greatest(created_at, retried_at) < now() - make_interval(secs => $1)"
+        "             FOR UPDATE SKIP LOCKED),"
+        " failed AS (UPDATE outbox o SET failed_at = now(), last_error = 'not delivered within max_age_s'"
+        "            FROM old WHERE o.message_id = old.message_id RETURNING o.channel)"
+        " SELECT channel, count(*) AS n FROM failed GROUP BY channel", max_age_s)
+    return {r["channel"]: r["n"] for r in rows}
+
+
 async def waiting(con: asyncpg.Connection) -> dict[str, int]:
     """Messages not yet delivered nor failed, per channel."""
     rows = await con.fetch("SELECT channel, count(*) AS n FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"

@@ -116,14 +116,14 @@ class Messenger:
 
     # -- the loop -------------------------------------------------------------------
     async def _run(self) -> None:
-        next_warnings = 0.0
+        next_housekeeping = 0.0
         while True:
             self._wake.clear()
             sleep_s = self.settings.poll_interval_s
             try:
-                if time.monotonic() >= next_warnings:
-                    await self.queue_warnings()
-                    next_warnings = time.monotonic() + self.settings.expiring_check_interval_s
+                if time.monotonic() >= next_housekeeping:
+                    await self.housekeeping()
+                    next_housekeeping = time.monotonic() + self.settings.expiring_check_interval_s
                 while await self.run_once() >= self.settings.batch_size:
                     pass
                 due = await self._next_due()
@@ -148,6 +148,15 @@ class Messenger:
                 log.warning("messages worker cannot listen; polling", error=type(exc).__name__)
             self._listener = None
             await asyncio.sleep(_LISTEN_RETRY_S)
+
+    async def housekeeping(self) -> None:
+        """Once per ``expiring_check_interval_s``: the expiry warnings, and giving up old messages."""
+        await self.queue_warnings()
+        async with self._pool.acquire() as con:
+            old = await outbox.give_up_old(con, self.settings.max_age_s)
+        for channel, n in old.items():
+            GIVEN_UP.labels(channel).inc(n)
+            log.warning("messages given up: older than max_age_s", channel=channel, messages=n)
 
     async def queue_warnings(self) -> int:
         """Queue "points expiring soon" for cards with points expiring within the warning days."""
