@@ -111,14 +111,16 @@ CREATE FUNCTION outbox_request_payload(r requests) RETURNS jsonb LANGUAGE sql ST
 $$;
 
 -- Accruals and redemptions: approved when their request row is written (one
--- statement for a whole group commit). Only the approved rows with points reach
--- outbox_for_card, whose contact probe finds nothing for a member who has none.
+-- statement for a whole group commit). An approved row with points costs one
+-- probe of the contacts index; only a member who has a contact gets further.
 CREATE FUNCTION outbox_requests_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM outbox_for_card(CASE r.operation WHEN 'accrue' THEN 'accrual' ELSE 'redemption' END,
                             r.card_index, r.request_id::text, r.request_id, outbox_request_payload(r))
     FROM inserted r
-    WHERE r.state = 'approved' AND r.operation IN ('accrue', 'redeem') AND r.points > 0 AND r.card_index IS NOT NULL;
+    WHERE r.state = 'approved' AND r.operation IN ('accrue', 'redeem') AND r.points > 0
+      AND EXISTS (SELECT 1 FROM contacts c WHERE c.recipient_kind = 'member' AND c.recipient_ref = r.card_index
+                  AND c.opt_in);
     RETURN NULL;
 END
 $$;
