@@ -9,6 +9,7 @@ import datetime
 import json
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import asyncpg
 import structlog
 
@@ -47,6 +48,13 @@ async def test_an_accrual_and_a_redemption_over_tcp_reach_the_member_once_each_w
         rows = await ms.outbox()
         assert len(rows) == 2 and all(r["delivered_at"] and r["attempts"] == 1 for r in rows)
         assert {r["idempotency_key"] for r in rows} == {m["key"] for m in got}
+        assert ms.running.web is not None and ms.running.web.bound is not None
+        host, port = ms.running.web.bound
+        async with aiohttp.ClientSession() as s, s.get(f"http://{host}:{port}/metrics") as resp:
+            metrics = await resp.text()
+        delivered = [line for line in metrics.splitlines()
+                     if line.startswith('pointswitch_messages_delivered_total{channel="sms"}')]
+        assert delivered and float(delivered[0].split()[-1]) >= 2
 
 
 async def test_a_failing_gateway_is_tried_again_with_growing_waits_and_the_message_arrives_once(switch, tmp_path):

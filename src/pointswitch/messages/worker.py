@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import asyncpg
 import structlog
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from ..config import MessagesConfig
 from ..ledger import outbox
@@ -40,6 +40,9 @@ Connect = Callable[[], Awaitable[asyncpg.Connection]]
 DELIVERED = Counter("pointswitch_messages_delivered_total", "Messages a channel took", ["channel"])
 SEND_FAILURES = Counter("pointswitch_message_send_failures_total", "Sends that did not go through", ["channel"])
 GIVEN_UP = Counter("pointswitch_messages_failed_total", "Messages given up (attempts, age, opted out)", ["channel"])
+WAITING = Gauge("pointswitch_messages_waiting", "Messages in the outbox not yet delivered nor given up", ["channel"])
+
+_WAITING_EVERY_S = 30.0  # how often the waiting messages are counted (a count over the outbox's queue)
 
 _LISTEN_RETRY_S = 5.0
 _DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -116,7 +119,7 @@ class Messenger:
 
     # -- the loop -------------------------------------------------------------------
     async def _run(self) -> None:
-        next_housekeeping = 0.0
+        next_housekeeping = next_count = 0.0
         while True:
             self._wake.clear()
             sleep_s = self.settings.poll_interval_s
@@ -124,6 +127,9 @@ class Messenger:
                 if time.monotonic() >= next_housekeeping:
                     await self.housekeeping()
                     next_housekeeping = time.monotonic() + self.settings.expiring_check_interval_s
+                if time.monotonic() >= next_count:
+                    await self._count_waiting()
+                    next_count = time.monotonic() + _WAITING_EVERY_S
                 while await self.run_once() >= self.settings.batch_size:
                     pass
                 due = await self._next_due()
@@ -157,6 +163,12 @@ class Messenger:
         for channel, n in old.items():
             GIVEN_UP.labels(channel).inc(n)
             log.warning("messages given up: older than max_age_s", channel=channel, messages=n)
+
+    async def _count_waiting(self) -> None:
+        async with self._pool.acquire() as con:
+            counts = await outbox.waiting(con)
+        for channel in ("sms", "email", "webhook"):
+            WAITING.labels(channel).set(counts.get(channel, 0))
 
     async def queue_warnings(self) -> int:
         """Queue "points expiring soon" for cards with points expiring within the warning days."""
