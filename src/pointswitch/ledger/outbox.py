@@ -20,7 +20,7 @@ import asyncpg
 
 from . import audit
 from .errors import AdminError
-from .vault import Vault
+from .vault import Vault, VaultError
 
 NOTIFY_CHANNEL = "pointswitch_outbox"
 
@@ -73,9 +73,16 @@ def _unseal(vault: Vault, row: asyncpg.Record) -> Message:
 
 
 async def claim(con: asyncpg.Connection, vault: Vault, channels: Sequence[str], limit: int) -> list[Message]:
-    """Due messages of ``channels``, locked until ``con``'s transaction ends; others skip them."""
-    rows = await con.fetch(_CLAIM, list(channels), limit)
-    return [_unseal(vault, r) for r in rows]
+    """Due messages of ``channels``, locked until ``con``'s transaction ends; others skip them.
+    A message whose contact does not open under this vault is failed here (it never would)."""
+    claimed = []
+    for row in await con.fetch(_CLAIM, list(channels), limit):
+        try:
+            claimed.append(_unseal(vault, row))
+        except VaultError:
+            await mark_failed(con, row["message_id"], "the contact does not open under this master key",
+                              attempted=False)
+    return claimed
 
 
 async def delivered_last_hour(con: asyncpg.Connection, recipients: Sequence[tuple[str, str]]

@@ -137,6 +137,8 @@ class Messenger:
                     sleep_s = min(sleep_s, max(0.05, (due - self.now()).total_seconds()))
             except _DB_ERRORS as exc:
                 log.warning("messages not delivered; trying again", error=type(exc).__name__)
+            except Exception:  # the worker keeps running; the batch rolled back and is claimed again
+                log.exception("messages worker failed; trying again")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sleep_s)
 
@@ -238,6 +240,11 @@ class Messenger:
             return exc
         except TimeoutError:
             return SendError("no answer within send_timeout_s")
+        except Exception as exc:  # a channel's surprise is one failed send, not a dead worker
+            # Its type only: an exception's text may carry the address.
+            log.warning("message channel failed", channel=out.message.channel, message=out.message.message_id,
+                        error=type(exc).__name__)
+            return SendError(f"the {out.message.channel} channel failed: {type(exc).__name__}")
         return None
 
     async def _mark(self, con: asyncpg.Connection, m: Message, error: SendError | None) -> None:
