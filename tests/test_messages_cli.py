@@ -114,3 +114,24 @@ async def test_sim_inbox_runs_as_a_process_and_writes_what_it_takes_as_json_line
     stdout, stderr = out_bytes.decode(), err_bytes.decode()
     assert proc.returncode == 0, stderr
     assert '"key-1"' in stdout and f"SMTP 127.0.0.1:{smtp_port}" in stderr
+
+
+def test_the_messages_section_is_read_from_the_file_and_the_environment_and_checked(tmp_path):
+    from pointswitch.config import ConfigError, load
+
+    path = tmp_path / "pointswitch.toml"
+    path.write_text('[messages]\nsms_url = "https://sms.example/send"\nquiet_hours_start = "21:30"\n'
+                    'sms_template_ids = { accrual = "SMS_1001", clearing_statement = "SMS_1007" }\n', encoding="utf-8")
+    cfg = load(path, env={"POINTSWITCH_MESSAGES_RATE_LIMIT_PER_HOUR": "5"})
+    m = cfg.messages
+    assert (m.sms_url, m.quiet_hours_start, m.quiet_hours_end, m.rate_limit_per_hour) == (
+        "https://sms.example/send", "21:30", "08:00", 5)
+    assert m.sms_template_ids == {"accrual": "SMS_1001", "clearing_statement": "SMS_1007"}
+    for bad in ('quiet_hours_end = "25:00"', 'sms_template_ids = { birthday = "SMS_9" }', "max_attempts = 0",
+                'sms_url = "ftp://sms.example"', "backoff_max_s = 1.0\nbackoff_initial_s = 2.0", "surprise = 1"):
+        path.write_text(f"[messages]\n{bad}\n", encoding="utf-8")
+        try:
+            load(path, env={})
+        except ConfigError:
+            continue
+        raise AssertionError(f"accepted: {bad}")
