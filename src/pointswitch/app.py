@@ -30,6 +30,7 @@ from .ledger.identity import IdentityBlocks
 from .ledger.saf import ReversalQueue
 from .ledger.scheduler import DayCloser
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
+from .messages import Messenger
 from .routing import ListenerPolicy, Router
 from .switch import FrameHandler, Listener, Switch
 from .switch.forwarder import ReversalForwarder
@@ -124,6 +125,7 @@ class Running:
     forwarder: ReversalForwarder
     closer: DayCloser
     web: WebServer | None = None
+    messenger: Messenger | None = None  # delivers the outbox ([messages] enabled)
 
     def address(self, listener: str) -> tuple[str, int]:
         host, port = self.switch.bound[listener]
@@ -170,6 +172,11 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         forwarder.start()
         if config.day.auto_close:
             closer.start()
+        messenger = None
+        if config.messages.enabled:  # in every process: SKIP LOCKED shares the outbox between them
+            messenger = Messenger(pool, vault, config.messages, time_zone=config.day.time_zone,
+                                  connect=lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
+            await messenger.start()
         listeners = [
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
@@ -189,12 +196,14 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
             if web is not None:
                 await web.start()
             try:
-                yield Running(switch, ledger, pool, connectors, forwarder, closer, web)
+                yield Running(switch, ledger, pool, connectors, forwarder, closer, web, messenger)
             finally:
                 if web is not None:
                     await web.stop()
                 await switch.stop()
         finally:
+            if messenger is not None:
+                await messenger.stop()
             await closer.stop()
             await forwarder.stop()
             for connector in connectors.values():

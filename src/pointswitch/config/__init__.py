@@ -28,11 +28,13 @@ Every limit is a named setting with a default (see docs/operator.md)::
     [expiry]
     policy = "months"          # never (default) | months | end_of_year
     months = 24
+    [messages]                 # messages to members and merchants (docs/messages.md)
+    sms_url = "https://sms.example/send"
 
 Environment: POINTSWITCH_CONFIG (file), POINTSWITCH_DSN, POINTSWITCH_DATA_DIR,
 POINTSWITCH_LOG_LEVEL, POINTSWITCH_MASTER_KEY (hex), and POINTSWITCH_LIMITS_<NAME>,
-POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME>, POINTSWITCH_DAY_<NAME> for any single setting of
-those sections.
+POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME>, POINTSWITCH_DAY_<NAME>, POINTSWITCH_MESSAGES_<NAME>
+for any single setting of those sections.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from .sections import (
     HttpConfig,
     Limits,
     ListenerConfig,
+    MessagesConfig,
     MetricsConfig,
     SecurityConfig,
     UsageConfig,
@@ -64,8 +67,8 @@ WORKER_ENV = "POINTSWITCH_WORKER"  # set by ``serve --workers`` in each worker p
 
 __all__ = [
     "Config", "load", "ConfigError", "ConnectorConfig", "DEFAULT_LISTENERS", "DatabaseConfig", "DayConfig",
-    "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MetricsConfig", "SecurityConfig", "UsageConfig",
-    "WORKER_ENV",
+    "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MessagesConfig", "MetricsConfig", "SecurityConfig",
+    "UsageConfig", "WORKER_ENV",
 ]
 
 
@@ -82,6 +85,7 @@ class Config:
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
     day: DayConfig = field(default_factory=DayConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     log_level: str = "info"
     workers: int = 1  # serve processes sharing the listeners' ports (SO_REUSEPORT); ``serve --workers``
 
@@ -135,7 +139,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "http", "day", "expiry", "log_level", "workers"}
+                          "metrics", "http", "day", "expiry", "messages", "log_level", "workers"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -166,6 +170,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.day, raw.get("day", {}), "day")
     _apply(config.expiry, raw.get("expiry", {}), "expiry")
     config.expiry.validate()
+    _apply(config.messages, raw.get("messages", {}), "messages")
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
     if "workers" in raw:
@@ -175,7 +180,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
                        "POINTSWITCH_DATABASE_": ("database", config.database),
                        "POINTSWITCH_SECURITY_": ("security", config.security),
                        "POINTSWITCH_DAY_": ("day", config.day),
-                       "POINTSWITCH_HTTP_": ("http", config.http)}
+                       "POINTSWITCH_HTTP_": ("http", config.http),
+                       "POINTSWITCH_MESSAGES_": ("messages", config.messages)}
     for name, value in env.items():
         for prefix, (section, obj) in prefix_sections.items():
             if name.startswith(prefix):
@@ -209,6 +215,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         if rate <= 0 or usage.fee_points < 0 or usage.min_amount_fen < 1 or usage.daily_limit_fen < 0:
             raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
     config.day.validate()
+    config.messages.validate()
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"workers is 1 to 64, not {config.workers}")
     db = config.database
