@@ -245,25 +245,10 @@ async def migrate(con: asyncpg.Connection, vault: Vault, *, up_to: int | None = 
         await con.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
-class PooledConnection(asyncpg.Connection):  # type: ignore[misc]
-    """A pooled connection released with its transaction ended and nothing more.
-
-    asyncpg's reset on release also sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
-    UNLISTEN *; RESET ALL`` — one more round trip on every release, for session state
-    the ledger never leaves behind: its settings are ``SET LOCAL``, its advisory locks
-    transaction-scoped or released in ``finally`` (the day closer, the migrator), and
-    LISTEN runs on connections of its own, outside the pool (decision 52). An open or
-    failed transaction is still rolled back (``Connection.reset`` does that first)."""
-
-    def get_reset_query(self) -> str:
-        return ""
-
-
 async def create_pool(dsn: str, *, min_size: int, max_size: int, command_timeout_s: float,
                       connect_timeout_s: float = 60.0) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout_s, timeout=connect_timeout_s,
-        connection_class=PooledConnection,
     )
     assert pool is not None
     return pool
