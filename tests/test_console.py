@@ -5,9 +5,11 @@ tokens, roles, masked card numbers, the audit trail, and every screen with real 
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import io
 import itertools
+import json
 import re
 import secrets
 from typing import Any
@@ -17,6 +19,7 @@ import asyncpg
 
 from pointswitch.ledger import operators
 from pointswitch.web.console import charts
+from pointswitch.web.console.security import Keys
 
 from .conftest import Network, SwitchUnderTest
 from .test_business_day import CARD as DAY_CARD
@@ -104,6 +107,9 @@ async def test_sign_in_shows_the_overview_and_a_wrong_password_does_not(switch: 
         cookie = resp.cookies["ps_session"]
         assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/console"
         overview = await browser.get("/")
+        async with browser.http.get(browser.base + "/") as resp:
+            assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+            assert resp.headers["X-Frame-Options"] == "DENY" and resp.headers["Cache-Control"] == "no-store"
     assert name in overview and "<svg" in overview and "Open business day" in overview
     entries = await fetch(switch.dsn, "SELECT action FROM audit_log WHERE target = $1 ORDER BY audit_id", name)
     assert [e["action"] for e in entries] == ["operator.add", "operator.login_failed", "operator.login"]
@@ -352,6 +358,21 @@ def test_operator_commands_read_the_password_from_standard_input_never_the_comma
     stored = asyncio.run(fetch(switch.dsn, "SELECT password_hash, disabled FROM operators WHERE name = $1", name))[0]
     assert stored["disabled"] and stored["password_hash"].startswith("scrypt$") and PASSWORD not in stored[0]
     assert operators.password_matches(PASSWORD, stored["password_hash"])
+
+
+def test_a_session_cookie_holds_only_while_its_signature_and_time_hold() -> None:
+    keys, other = Keys(b"k" * 32), Keys(b"o" * 32)
+    cookie = keys.issue(7, 3, expires_at=2_000.0)
+    session = keys.session(cookie, now=1_000.0)
+    assert session is not None and (session.operator_id, session.generation) == (7, 3)
+    assert keys.session(cookie, now=2_000.0) is None, "expired"
+    assert other.session(cookie, now=1_000.0) is None, "another key"
+    payload, signature = cookie.split(".")
+    forged = base64.urlsafe_b64encode(json.dumps({"o": 1, "g": 3, "e": 9_999, "n": "x"}).encode()).decode()
+    assert keys.session(f"{forged.rstrip('=')}.{signature}", now=1_000.0) is None
+    assert keys.token_valid(session.nonce, keys.form_token(session.nonce))
+    assert not keys.token_valid(session.nonce, keys.form_token("another session"))
+    assert not keys.token_valid(None, keys.form_token(session.nonce))
 
 
 def test_charts_are_svg_with_escaped_labels() -> None:

@@ -36,32 +36,37 @@ async def traffic(con: asyncpg.Connection, *, minutes: int = 60) -> dict[str, An
 
 
 async def merchant_days(con: asyncpg.Connection, merchant_id: str, *, days_back: int = 30) -> list[dict[str, Any]]:
-    """Points issued and redeemed at a merchant per business day, oldest first: the
-    closed days from their clearing positions, the open day live from its postings."""
+    """Points issued and redeemed at a merchant on each of the last ``days_back``
+    business days, oldest first: closed days from their clearing positions, the open
+    day live from its postings, a day not closed (or without traffic) as zero."""
     cal = await days.calendar(con)
     since = cal.open_day - timedelta(days=days_back - 1)
     rows = await con.fetch(
         "SELECT business_date, points_issued, points_redeemed FROM clearing_positions"
-        " WHERE party = $1 AND kind = 'merchant' AND business_date >= $2 ORDER BY business_date",
-        merchant_id, since)
-    out = [{"business_date": r["business_date"].isoformat(), "points_issued": r["points_issued"],
-            "points_redeemed": r["points_redeemed"], "closed": True} for r in rows]
-    live = await con.fetchrow(
-        "SELECT coalesce(sum(CASE WHEN p.debit_account_id = m.issued_account_id THEN p.amount_points"
-        "                         WHEN p.credit_account_id = m.issued_account_id THEN -p.amount_points END), 0)"
-        "         AS issued,"
-        " coalesce(sum(CASE WHEN p.credit_account_id = m.redeemed_account_id THEN p.amount_points"
-        "                   WHEN p.debit_account_id = m.redeemed_account_id THEN -p.amount_points END), 0)"
-        "         AS redeemed"
-        " FROM merchants m JOIN postings p ON p.business_date = $2"
-        " AND (m.issued_account_id IN (p.debit_account_id, p.credit_account_id)"
-        "      OR m.redeemed_account_id IN (p.debit_account_id, p.credit_account_id))"
-        " WHERE m.merchant_id = $1", merchant_id, cal.open_day)
-    open_day = cal.open_day.isoformat()
-    if not any(d["business_date"] == open_day for d in out):
-        out.append({"business_date": open_day, "points_issued": int(live["issued"]),
-                    "points_redeemed": int(live["redeemed"]), "closed": False})
+        " WHERE party = $1 AND kind = 'merchant' AND business_date >= $2", merchant_id, since)
+    closed = {r["business_date"]: (r["points_issued"], r["points_redeemed"]) for r in rows}
+    live = await con.fetchrow(_OPEN_DAY_FLOWS, merchant_id, cal.open_day)
+    closed.setdefault(cal.open_day, (int(live["issued"]), int(live["redeemed"])))
+    out = []
+    for n in range(days_back):
+        day = since + timedelta(days=n)
+        issued, redeemed = closed.get(day, (0, 0))
+        out.append({"business_date": day.isoformat(), "points_issued": issued, "points_redeemed": redeemed})
     return out
+
+
+# A merchant's points issued and redeemed on one (the open) business day, from its postings.
+_OPEN_DAY_FLOWS = (
+    "SELECT coalesce(sum(CASE WHEN p.debit_account_id = m.issued_account_id THEN p.amount_points"
+    "                         WHEN p.credit_account_id = m.issued_account_id THEN -p.amount_points END), 0)"
+    "         AS issued,"
+    " coalesce(sum(CASE WHEN p.credit_account_id = m.redeemed_account_id THEN p.amount_points"
+    "                   WHEN p.debit_account_id = m.redeemed_account_id THEN -p.amount_points END), 0)"
+    "         AS redeemed"
+    " FROM merchants m JOIN postings p ON p.business_date = $2"
+    " AND (m.issued_account_id IN (p.debit_account_id, p.credit_account_id)"
+    "      OR m.redeemed_account_id IN (p.debit_account_id, p.credit_account_id))"
+    " WHERE m.merchant_id = $1")
 
 
 async def clearing_positions(con: asyncpg.Connection, party: str, *, limit: int = 30) -> list[dict[str, Any]]:

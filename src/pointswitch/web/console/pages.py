@@ -46,12 +46,12 @@ async def _live(request: web.Request) -> dict[str, Any]:
     reversal_stats = await ReversalQueue(svc.ledger).stats()
     live = {name: c.state() for name, c in svc.extra.get("connectors", {}).items()}
     minutes = traffic["minutes"]
-    per_second = [round(m["requests"] / 60) for m in minutes]
+    per_second = [round(m["requests"] / 60, 2) for m in minutes]
     codes = {f"{FOR_STATUS.get(_status(s), '??')} {s}": n for s, n in traffic["by_status"].items()}
     return {
         "traffic": traffic, "day": day_list,
         "tps_chart": charts.bars([m["at"][11:16] for m in minutes], {"transactions per second": per_second},
-                                 title="transactions per second, per minute, last hour", label_every=10),
+                                 title="transactions per second, averaged per minute, last hour", label_every=10),
         "codes_chart": charts.share(codes, title="answers by response code, last hour"),
         "tps_now": round(sum(m["requests"] for m in minutes[-5:]) / 300, 2),
         "connectors": [{"name": n, "state": live.get(n) or reported.get(n, {}).get("state", {}),
@@ -103,7 +103,7 @@ async def merchant(request: web.Request) -> web.Response:
                         {"issued": [d["points_issued"] for d in per_day],
                          "redeemed": [d["points_redeemed"] for d in per_day]},
                         title=f"points issued and redeemed per business day at {merchant_id}",
-                        label_every=max(1, len(per_day) // 10))
+                        label_every=5)
     return render(request, "merchant.html", merchant=shown, terminals=terminals, per_day=per_day, chart=chart,
                   positions=positions)
 

@@ -105,11 +105,12 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if session is not None:
         async with services(request).pool.acquire() as con:
             op = await operators.signed_in(con, session.operator_id, session.generation)
+    reading = request.method in ("GET", "HEAD")
     if op is None or session is None:
-        if request.method == "GET":
+        if reading:
             raise web.HTTPSeeOther(f"{PREFIX}/login")
         raise web.HTTPUnauthorized(text="sign in first")
-    if request.method != "GET" and not await form_token_ok(request, session.nonce):
+    if not reading and not await form_token_ok(request, session.nonce):
         raise web.HTTPForbidden(text="the form's token is missing or does not match the session: reload the page")
     tokens = _OPERATOR.set(op), _SESSION.set(session)
     try:
