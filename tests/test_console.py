@@ -99,7 +99,12 @@ class Console:
 async def test_sign_in_shows_the_overview_and_a_wrong_password_does_not(switch: SwitchUnderTest) -> None:
     name = await add_operator(switch.dsn, "viewer")
     async with Console(switch.http) as browser:
-        assert (await browser.get("/", status=303)) is not None  # not signed in: to the login page
+        async with browser.http.get(browser.base + "/", allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/console/login"  # not signed in
+        async with browser.http.get(browser.base, allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] in ("/console/", "/console/login")
+        async with browser.http.get(browser.base + "/overview/live", headers={"HX-Request": "true"}) as resp:
+            assert resp.status == 401 and resp.headers["HX-Redirect"] == "/console/login"
         page = await browser.login(name, "not the password", status=401)
         assert page.cookies.get("ps_session") is None
         await browser.get("/", status=303)
@@ -212,6 +217,12 @@ async def test_an_operator_blocks_a_card_the_terminal_declines_it_62_and_the_aud
             assert (await term.accrue(number, 1000)).rc == "62"
             await browser.post(f"{card}/unblock")
             assert (await term.accrue(number, 1000)).rc == "00"
+            # A PIN locked by wrong tries, unlocked in the console.
+            assert [(await term.redeem(number, 5, pin="999999")).rc for _ in range(3)] == ["55", "55", "75"]
+            assert (await term.redeem(number, 5)).rc == "75"
+            assert 'id="unlock-pin"' in await browser.get(card)
+            await browser.post(f"{card}/unlock-pin")
+            assert (await term.redeem(number, 5)).rc == "00"
         revealed = await (await browser.http.post(browser.base + f"{card}/reveal",
                                                   data={"csrf_token": await browser.token()})).text()
         assert number in revealed
@@ -219,7 +230,7 @@ async def test_an_operator_blocks_a_card_the_terminal_declines_it_62_and_the_aud
     assert number not in audit
     rows = await fetch(switch.dsn, "SELECT actor, action, target, origin FROM audit_log WHERE actor = $1"
                                    " AND action LIKE 'card.%' ORDER BY audit_id", name)
-    assert [r["action"] for r in rows] == ["card.block", "card.unblock", "card.reveal"]
+    assert [r["action"] for r in rows] == ["card.block", "card.unblock", "card.unlock_pin", "card.reveal"]
     assert all(r["target"] == f"{number[:6]}******{number[-4:]}" and r["origin"].startswith("console 127.0.0.1")
                for r in rows)
 
@@ -276,6 +287,9 @@ async def test_each_screen_renders_with_real_data(switch: SwitchUnderTest, netwo
         for path in ("/days", "/reversals", "/audit", "/operators", "/merchants", "/cards"):
             assert "<h1>" in await browser.get(path)
         assert name in await browser.get("/operators")
+        await browser.post("/cards/find", {"card_number": "6288"}, status=400)
+        await browser.post("/cards/find", {"card_number": "6299999999999999"}, status=404)
+        await browser.get("/cards/" + "0" * 64, status=404)
         await browser.get("/merchants/NOSUCHMERCHANT", status=404)
         await browser.get("/terminals/NOSUCH", status=404)
         async with browser.http.get(browser.base + "/static/htmx.min.js") as resp:
@@ -310,6 +324,7 @@ async def test_an_admin_adds_an_operator_and_changes_roles_which_ends_their_sess
         await admin.post(f"/operators/{new}", {"role": "operator"})
         await newcomer.get("/", status=303)  # a new role: sign in again
         await newcomer.login(new)
+        await admin.post(f"/operators/{admin_name}", {"role": "viewer"}, status=409)  # not one's own
         await admin.post(f"/operators/{new}", {"disabled": "true"})
         await newcomer.get("/", status=303)
         await newcomer.login(new, status=401)

@@ -196,6 +196,8 @@ async def operator_change(request: web.Request) -> web.StreamResponse:
     name, form = request.match_info["name"], await _form(request)
 
     async def step() -> None:
+        if name == signed_in(request).name:  # so the console never loses its last admin
+            raise AdminError("change your own account with `pointswitch admin operator`, not here")
         async with services(request).pool.acquire() as con:
             if form.get("role"):
                 await operators.set_role(con, name, form["role"])

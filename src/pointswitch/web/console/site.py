@@ -107,6 +107,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             op = await operators.signed_in(con, session.operator_id, session.generation)
     reading = request.method in ("GET", "HEAD")
     if op is None or session is None:
+        if request.headers.get("HX-Request"):  # htmx's refresh: the whole page goes to the login form
+            raise web.HTTPUnauthorized(text="sign in first", headers={"HX-Redirect": f"{PREFIX}/login"})
         if reading:
             raise web.HTTPSeeOther(f"{PREFIX}/login")
         raise web.HTTPUnauthorized(text="sign in first")
