@@ -19,19 +19,22 @@ from ...ledger.saf import ReversalError, ReversalQueue
 from .site import render, requires, see_other, services, signed_in
 
 _REFUSALS = (AdminError, ReversalError, days.DayError)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def _form(request: web.Request) -> dict[str, str]:
     return {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
 
 
-async def _refused(request: web.Request, step: Callable[[], Awaitable[Any]]) -> web.Response | None:
-    """Run ``step``; a refusal is a page saying why (status 409), None when it was done."""
+async def _change(request: web.Request, step: Callable[[], Awaitable[Any]], back_to: str | Callable[[], str],
+                  done: str) -> web.Response:
+    """Run ``step``, then send the browser to ``back_to`` (a path, or what gives it once
+    the step is done) saying ``done``; a refusal is a page saying why (status 409)."""
     try:
         await step()
     except _REFUSALS as exc:
-        return render(request, "refused.html", status=409, reason=str(exc), back=request.headers.get("Referer"))
-    return None
+        return render(request, "refused.html", status=409, reason=str(exc))
+    raise see_other(back_to if isinstance(back_to, str) else back_to(), done)
 
 
 # -- cards ---------------------------------------------------------------------------
@@ -52,8 +55,7 @@ async def card_find(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"/console/cards/{index}")
 
 
-def _card_change(done: str, change: Callable[[Any, Any, str], Awaitable[Any]]
-                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _card_change(done: str, change: Callable[[Any, Any, str], Awaitable[Any]]) -> Handler:
     @requires("operator")
     async def handler(request: web.Request) -> web.StreamResponse:
         svc, index = services(request), request.match_info["index"]
@@ -62,10 +64,7 @@ def _card_change(done: str, change: Callable[[Any, Any, str], Awaitable[Any]]
             async with svc.pool.acquire() as con:
                 await change(con, svc.ledger.vault, index)
 
-        refused = await _refused(request, step)
-        if refused is not None:
-            return refused
-        raise see_other(f"/cards/{index}", done)
+        return await _change(request, step, f"/cards/{index}", done)
     return handler
 
 
@@ -88,7 +87,7 @@ async def card_reveal(request: web.Request) -> web.Response:
 
 
 # -- terminals and merchants -------------------------------------------------------
-def _terminal_status(status: str, done: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def _terminal_status(status: str, done: str) -> Handler:
     @requires("operator")
     async def handler(request: web.Request) -> web.StreamResponse:
         terminal_id = request.match_info["terminal_id"]
@@ -97,10 +96,7 @@ def _terminal_status(status: str, done: str) -> Callable[[web.Request], Awaitabl
             async with services(request).pool.acquire() as con:
                 await admin.set_terminal_status(con, terminal_id, status)
 
-        refused = await _refused(request, step)
-        if refused is not None:
-            return refused
-        raise see_other(f"/terminals/{terminal_id}", done)
+        return await _change(request, step, f"/terminals/{terminal_id}", done)
     return handler
 
 
@@ -118,11 +114,7 @@ async def merchant_rates(request: web.Request) -> web.StreamResponse:
                                         issue_price=form.get("issue_price") or None,
                                         redeem_value=form.get("redeem_value") or None)
 
-    return await _refused(request, step) or _raise(see_other(f"/merchants/{merchant_id}", "rates"))
-
-
-def _raise(exc: web.HTTPException) -> web.Response:
-    raise exc
+    return await _change(request, step, f"/merchants/{merchant_id}", "rates")
 
 
 # -- reversals and days ---------------------------------------------------------------
@@ -136,14 +128,14 @@ def _reversal_id(request: web.Request) -> int:
 @requires("operator")
 async def reversal_retry(request: web.Request) -> web.StreamResponse:
     queue, rid = ReversalQueue(services(request).ledger), _reversal_id(request)
-    return await _refused(request, lambda: queue.retry_now(rid)) or _raise(see_other("/reversals", "retried"))
+    return await _change(request, lambda: queue.retry_now(rid), "/reversals", "retried")
 
 
 @requires("operator")
 async def reversal_resolve(request: web.Request) -> web.StreamResponse:
-    queue, rid, outcome = ReversalQueue(services(request).ledger), _reversal_id(request), (
-        await _form(request)).get("outcome", "")
-    return await _refused(request, lambda: queue.resolve(rid, outcome)) or _raise(see_other("/reversals", "resolved"))
+    queue, rid = ReversalQueue(services(request).ledger), _reversal_id(request)
+    outcome = (await _form(request)).get("outcome", "")
+    return await _change(request, lambda: queue.resolve(rid, outcome), "/reversals", "resolved")
 
 
 @requires("operator")
@@ -152,21 +144,18 @@ async def day_close(request: web.Request) -> web.StreamResponse:
     to the end even if the browser goes away: a close is not to be cut in half."""
     svc, text = services(request), (await _form(request)).get("date", "")
     cfg = svc.config
-    closed: list[Any] = []
+    try:
+        day = date.fromisoformat(text) if text else None
+    except ValueError:
+        return render(request, "refused.html", status=409, reason=f"{text!r} is not a date YYYY-MM-DD")
+    closed: list[days.Closed] = []
 
     async def step() -> None:
-        day = date.fromisoformat(text) if text else None
         closed.append(await asyncio.shield(days.close_day(
             svc.pool, svc.ledger, day, by=signed_in(request).name, clearing_dir=cfg.clearing_dir,
             lock_timeout_ms=cfg.day.cutoff_lock_timeout_ms, max_attempts=cfg.day.cutoff_attempts)))
 
-    try:
-        refused = await _refused(request, step)
-    except ValueError:
-        refused = render(request, "refused.html", status=409, reason="not a date YYYY-MM-DD", back=None)
-    if refused is not None:
-        return refused
-    raise see_other(f"/days/{closed[0].report['business_date']}", "closed")
+    return await _change(request, step, lambda: f"/days/{closed[0].report['business_date']}", "closed")
 
 
 # -- operators (admin) -------------------------------------------------------------------
@@ -187,7 +176,7 @@ async def operator_add(request: web.Request) -> web.StreamResponse:
         async with services(request).pool.acquire() as con:
             await operators.add_operator(con, form.get("name", ""), form.get("role", ""), hashed)
 
-    return await _refused(request, step) or _raise(see_other("/operators", "operator"))
+    return await _change(request, step, "/operators", "operator")
 
 
 @requires("admin")
@@ -206,4 +195,4 @@ async def operator_change(request: web.Request) -> web.StreamResponse:
             else:
                 raise AdminError("give a role, or disabled true or false")
 
-    return await _refused(request, step) or _raise(see_other("/operators", "operator"))
+    return await _change(request, step, "/operators", "operator")
