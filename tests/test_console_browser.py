@@ -93,6 +93,7 @@ async def test_an_operator_blocks_a_card_in_the_browser_the_terminal_declines_it
                     await page.click("#unblock")
                     await page.wait_for_selector("text=Card unblocked.")
                     assert (await till.accrue(CARD, 1000)).rc == "00"
+                    assert (await till.settle()).rc == "00"  # its batch, for the batches screen
                 await page.screenshot(path=str(shots / "04-card.png"), full_page=True)
 
                 await page.goto(base + "/merchants/MA0000000000001")
@@ -112,7 +113,8 @@ async def test_an_operator_blocks_a_card_in_the_browser_the_terminal_declines_it
                 text = await asyncio.to_thread(Path(await download.path()).read_text, encoding="utf-8")
                 assert download.suggested_filename.startswith("clearing-")
 
-                for name, path in (("08-days", "/days"), ("09-batches", "/batches"), ("10-reversals", "/reversals"),
+                for name, path in (("08-days", "/days"), ("09-batches", "/batches"),
+                                   ("09-batch", "/batches/TDA00002/1"), ("10-reversals", "/reversals"),
                                    ("11-audit", "/audit"), ("12-merchants", "/merchants")):
                     await page.goto(base + path)
                     await page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
