@@ -50,6 +50,8 @@ class Server:
             f'framing = "binary2"\n\n'
             f'[[listener]]\nname = "iso87"\nport = {self.iso}\nhost = "127.0.0.1"\ndialect = "iso87"\n'
             f'framing = "ascii4"\n\n[limits]\nshutdown_grace_s = 10\n' + extra_config
+            # The web layer on a free port: 8080 may be taken by another switch on this machine.
+            + ("" if "[http]" in extra_config else "\n[http]\nport = 0\n")
         )
         self.stderr_path = tmp / f"serve-{self.cup}.log"
         args = [*PS, "serve", "--config", str(self.config), "--log-level", log_level, *extra_args]
