@@ -13,6 +13,7 @@ Every change records one audit entry in the transaction of the change.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -55,8 +56,11 @@ def password_matches(password: str, stored: str) -> bool:
     return hmac.compare_digest(got.hex(), digest)
 
 
-# The hash an unknown name is checked against: the same work as a real account.
-_NOBODY = hash_password(secrets.token_hex(16))
+@functools.cache
+def _nobody() -> str:
+    """The hash an unknown name is checked against: the same work as a real account.
+    Made on first use (an scrypt at import would slow every start-up)."""
+    return hash_password(secrets.token_hex(16))
 
 
 def check_password_rules(password: str, min_length: int) -> None:
@@ -170,7 +174,7 @@ async def signed_in(con: asyncpg.Connection, operator_id: int, generation: int) 
 async def stored_hash(con: asyncpg.Connection, name: str) -> str:
     """The hash to check a password for ``name`` against; a decoy one for an unknown name."""
     stored: str | None = await con.fetchval("SELECT password_hash FROM operators WHERE name = $1", name)
-    return stored or _NOBODY
+    return stored or _nobody()
 
 
 async def record_login(con: asyncpg.Connection, name: str, password_ok: bool, *, max_failed: int,
