@@ -50,6 +50,7 @@ async def test_an_operator_blocks_a_card_in_the_browser_the_terminal_declines_it
     async with day_switch(switch, tmp_path) as day:
         async with day.running.pool.acquire() as con:
             await operators.add_operator(con, "wang.li", "operator", operators.hash_password(PASSWORD))
+            await operators.add_operator(con, "chen.admin", "admin", operators.hash_password(PASSWORD))
         async with day.terminal("TDA00001", "MA0000000000001") as shop, \
                 day.terminal("TDB00001", "MB0000000000002") as other:
             for amount in (12_800, 5_600, 30_000):
@@ -120,6 +121,13 @@ async def test_an_operator_blocks_a_card_in_the_browser_the_terminal_declines_it
                     await page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
                 await page.click("button:has-text('Sign out')")
                 await page.wait_for_url(base + "/login")
+                await page.fill("input[name=name]", "chen.admin")  # an admin manages the operators
+                await page.fill("input[name=password]", PASSWORD)
+                await page.click("button[type=submit]")
+                await page.wait_for_url(base + "/")
+                await page.click("nav >> text=Operators")
+                await page.wait_for_selector("#operators")
+                await page.screenshot(path=str(shots / "13-operators.png"), full_page=True)
             finally:
                 await browser.close()
 
