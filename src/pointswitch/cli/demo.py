@@ -40,6 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.expiry.policy, cfg.expiry.months = "months", 24  # points earned today expire in two years
     cfg.listeners = [ListenerConfig("cup", 0, "cup", "binary2", host="127.0.0.1"),
                      ListenerConfig("iso87", 0, "iso87", "ascii4", host="127.0.0.1")]
+    cfg.http.port = 0  # a free port, as the listeners: a switch running on this machine holds 8080
     logs.configure(args.log_level or "error")  # the scenario prints what happens; --log-level shows more
     print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
     dsn, embedded = common.resolve_dsn(cfg)

@@ -51,6 +51,7 @@ from .sections import (
     DEFAULT_LISTENERS,
     ConfigError,
     ConnectorConfig,
+    ConsoleConfig,
     DatabaseConfig,
     DayConfig,
     ExpiryConfig,
@@ -66,8 +67,9 @@ from .sections import (
 WORKER_ENV = "POINTSWITCH_WORKER"  # set by ``serve --workers`` in each worker process: its number
 
 __all__ = [
-    "Config", "load", "ConfigError", "ConnectorConfig", "DEFAULT_LISTENERS", "DatabaseConfig", "DayConfig",
-    "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MessagesConfig", "MetricsConfig", "SecurityConfig",
+    "Config", "load", "ConfigError", "ConnectorConfig", "ConsoleConfig", "DEFAULT_LISTENERS", "DatabaseConfig",
+    "DayConfig", "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MessagesConfig", "MetricsConfig",
+    "SecurityConfig",
     "UsageConfig", "WORKER_ENV",
 ]
 
@@ -80,6 +82,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
@@ -139,7 +142,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "http", "day", "expiry", "messages", "log_level", "workers"}
+                          "metrics", "http", "console", "day", "expiry", "messages", "log_level", "workers"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -167,6 +170,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.security, raw.get("security", {}), "security")
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
     _apply(config.http, raw.get("http", {}), "http")
+    _apply(config.console, raw.get("console", {}), "console")
     _apply(config.day, raw.get("day", {}), "day")
     _apply(config.expiry, raw.get("expiry", {}), "expiry")
     config.expiry.validate()

@@ -125,6 +125,19 @@ class HttpConfig:
 
 
 @dataclass
+class ConsoleConfig:
+    """The operator console (``/console``, docs/console.md): sessions, logins, lockout."""
+
+    session_ttl_s: float = 8 * 3600.0  # a session cookie is refused this long after sign-in
+    max_failed_logins: int = 5  # wrong passwords in a row before the account is locked
+    lockout_s: float = 900.0  # how long a locked account refuses every password
+    max_concurrent_logins: int = 4  # password checks (scrypt, 32 MiB each) at once; others wait
+    min_password_length: int = 12
+    page_rows: int = 100  # rows a list screen shows (postings, transactions, audit entries)
+    secure_cookies: bool = False  # mark cookies Secure (set it when a TLS proxy fronts the console)
+
+
+@dataclass
 class MetricsConfig:
     """Prometheus metrics over HTTP (``/metrics``); port 0 = not served."""
 

@@ -18,7 +18,17 @@ import asyncpg
 from ..codecs import crypto
 from . import audit, days
 from .carddata import mask_card
-from .cards import add_card, add_cards_in_bulk, set_card_status, set_pin, show_card, unlock_pin
+from .cards import (
+    add_card,
+    add_cards_in_bulk,
+    card_view,
+    set_card_status,
+    set_card_status_at,
+    set_pin,
+    show_card,
+    unlock_pin,
+    unlock_pin_at,
+)
 from .errors import AdminError
 from .merchants import add_merchant, get_merchant, insert_merchant, list_merchants, merchant_rates, update_merchant
 from .model import TerminalProfile
@@ -26,10 +36,10 @@ from .pins import pin_verifier
 from .vault import Vault
 
 __all__ = [
-    "AdminError", "add_card", "add_cards_in_bulk", "add_merchant", "add_terminal", "check_invariants",
+    "AdminError", "add_card", "add_cards_in_bulk", "add_merchant", "add_terminal", "card_view", "check_invariants",
     "checked_profile", "connectors", "get_merchant", "pin_verifier", "list_merchants", "list_terminals", "mask_card",
     "rekey_terminal", "seed", "set_card_status", "set_pin", "set_terminal_profile", "set_terminal_status",
-    "show_card", "unlock_pin", "update_merchant", "upstream_reversals",
+    "set_card_status_at", "show_card", "unlock_pin", "unlock_pin_at", "update_merchant", "upstream_reversals",
 ]
 
 

@@ -250,6 +250,11 @@ class LedgerCore:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
+    @property
+    def vault(self) -> Vault:
+        """The vault card numbers are indexed and sealed with (the console finds cards through it)."""
+        return self._vault
+
     async def execute(self, command: Command) -> Outcome:
         """The one entry point: run ``command`` in its own transaction."""
         handler = self._handlers[type(command)]

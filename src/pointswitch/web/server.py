@@ -44,6 +44,9 @@ def build_app(services: WebServices) -> web.Application:
     app[SERVICES] = services
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _health)
+    from .console import setup_console  # the console's modules import this one
+
+    setup_console(app, services)
     return app
 
 
