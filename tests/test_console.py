@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from pointswitch.ledger import operators
+from pointswitch.ledger import contacts, operators
 from pointswitch.web.console import charts
 from pointswitch.web.console.security import Keys
 
@@ -262,6 +262,11 @@ async def test_an_operator_disables_a_terminal_and_edits_a_merchants_rates(
 
 async def test_each_screen_renders_with_real_data(switch: SwitchUnderTest, network: Network) -> None:
     number = network.cards[0]
+    con = await asyncpg.connect(switch.dsn)
+    try:  # the member is subscribed: the accrual and the redemption queue a message each
+        await contacts.add_card_contact(con, switch.vault, number, "sms", "13800138000")
+    finally:
+        await con.close()
     async with network.terminal(0) as term:
         assert (await term.accrue(number, 50_000)).rc == "00"
         assert (await term.redeem(number, 100)).rc == "00"
@@ -274,7 +279,8 @@ async def test_each_screen_renders_with_real_data(switch: SwitchUnderTest, netwo
         assert "<svg" in live and "<html" not in live
         card = await browser.get(await browser.find_card(number))
         assert 'id="balance">400<' in card and "<td>redeem</td>" in card and "never" in card
-        assert "No messages module yet" in card
+        messages = card[card.index('id="messages"'):]
+        assert messages.count("<td>sms</td>") == 2 and "***8000" in messages and "13800138000" not in card
         merchant = await browser.get(f"/merchants/{network.merchant_id}")
         assert "points issued and redeemed per business day" in merchant and network.terminal_ids[0] in merchant
         assert "<title>" in merchant and "issued: 500" in merchant

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ...ledger import admin, audit, batches, clearing, days, views
+from ...ledger import admin, audit, batches, clearing, days, outbox, views
 from ...ledger.errors import AdminError
 from ...ledger.saf import ReversalQueue
 from ...routing.codes import FOR_STATUS
@@ -80,7 +80,8 @@ async def card(request: web.Request) -> web.Response:
             shown = await admin.card_view(con, svc.ledger.vault, request.match_info["index"], _rows(request))
         except AdminError:
             raise web.HTTPNotFound(text="no such card") from None
-    return render(request, "card.html", card=shown, index=request.match_info["index"])
+        messages = await outbox.list_messages(con, recipient_ref=request.match_info["index"], limit=_rows(request))
+    return render(request, "card.html", card=shown, index=request.match_info["index"], messages=messages)
 
 
 async def merchants(request: web.Request) -> web.Response:
