@@ -185,7 +185,7 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         web = None
         if config.http.enabled and os.environ.get(WORKER_ENV, "0") == "0":  # one worker serves the web layer
             web = WebServer(WebServices(config, pool, ledger, {"connectors": connectors, "forwarder": forwarder,
-                                                               "closer": closer}))
+                                                               "closer": closer, "vault": vault}))
         try:
             await switch.start()
             if web is not None:

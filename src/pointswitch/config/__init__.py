@@ -47,6 +47,7 @@ from typing import Any
 
 from .sections import (
     DEFAULT_LISTENERS,
+    ApiConfig,
     ConfigError,
     ConnectorConfig,
     DatabaseConfig,
@@ -63,7 +64,7 @@ from .sections import (
 WORKER_ENV = "POINTSWITCH_WORKER"  # set by ``serve --workers`` in each worker process: its number
 
 __all__ = [
-    "Config", "load", "ConfigError", "ConnectorConfig", "DEFAULT_LISTENERS", "DatabaseConfig", "DayConfig",
+    "ApiConfig", "Config", "load", "ConfigError", "ConnectorConfig", "DEFAULT_LISTENERS", "DatabaseConfig", "DayConfig",
     "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MetricsConfig", "SecurityConfig", "UsageConfig",
     "WORKER_ENV",
 ]
@@ -77,6 +78,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
@@ -135,7 +137,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "http", "day", "expiry", "log_level", "workers"}
+                          "metrics", "http", "api", "day", "expiry", "log_level", "workers"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -163,6 +165,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.security, raw.get("security", {}), "security")
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
     _apply(config.http, raw.get("http", {}), "http")
+    _apply(config.api, raw.get("api", {}), "api")
     _apply(config.day, raw.get("day", {}), "day")
     _apply(config.expiry, raw.get("expiry", {}), "expiry")
     config.expiry.validate()
@@ -208,6 +211,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         if rate <= 0 or usage.fee_points < 0 or usage.min_amount_fen < 1 or usage.daily_limit_fen < 0:
             raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
     config.day.validate()
+    config.api.validate()
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"workers is 1 to 64, not {config.workers}")
     db = config.database

@@ -1,0 +1,244 @@
+"""The JSON API over real HTTP, against the session switch: same rules and codes as
+the ISO operations, signed requests, idempotency on the ledger's own request key.
+Every answer is checked against the OpenAPI description (tests/api_support.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from pointswitch.ledger import admin
+from pointswitch.web.api.guard import sign
+
+from .api_support import api_client, base_url, postings_of, request
+from .conftest import TEST_PIN
+
+
+async def test_accrual_then_balance(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    accrued = await api.post("/accrue", {"card": card, "amount_fen": 12399})
+    assert accrued.status == 200 and accrued.code == "00", accrued.body
+    assert accrued.body["points"] == 123 and accrued.body["points_balance"] == 123
+    assert len(accrued.body["rrn"]) == 12 and len(accrued.body["auth_code"]) == 6
+    inquired = await api.post("/inquire", {"card": card, "pin": TEST_PIN})
+    assert inquired.code == "00" and inquired.body["points_balance"] == 123
+    assert await network.balance(card) == 123
+
+
+async def test_redeem_with_insufficient_points_is_51_and_posts_nothing(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    assert (await api.post("/accrue", {"card": card, "amount_fen": 1000})).code == "00"  # 10 points
+    before = await postings_of(network, api.terminal_id)
+    short = await api.post("/redeem", {"card": card, "amount_fen": 11, "pin": TEST_PIN})  # 1 fen a point
+    assert short.status == 200 and short.code == "51"
+    assert "points_balance" not in short.body
+    assert await postings_of(network, api.terminal_id) == before
+    spent = await api.post("/redeem", {"card": card, "amount_fen": 10, "pin": TEST_PIN})
+    assert spent.code == "00" and spent.body["points_balance"] == 0
+
+
+async def test_wrong_pin_is_55(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    await api.post("/accrue", {"card": card, "amount_fen": 1000})
+    wrong = await api.post("/redeem", {"card": card, "amount_fen": 5, "pin": "999999"})
+    assert wrong.code == "55"
+    assert await network.balance(card) == 10
+
+
+async def test_blocked_card_is_declined_62(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[1]
+    await api.post("/accrue", {"card": card, "amount_fen": 1000})
+    con = await network.db()
+    try:
+        await admin.set_card_status(con, switch.vault, card, "blocked")
+    finally:
+        await con.close()
+    refused = await api.post("/redeem", {"card": card, "amount_fen": 5, "pin": TEST_PIN})
+    assert refused.code == "62"
+    assert await network.balance(card) == 10
+
+
+async def test_wrong_signature_is_401_and_posts_nothing(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    body = {"card": card, "amount_fen": 5000}
+    forged = await api.post("/accrue", body, sign_with=b"\x00" * 32)
+    assert forged.status == 401 and forged.code == "A0"
+    # A signature made for one body (or one Idempotency-Key) does not pass another.
+    ts = str(int(time.time()))
+    signed = sign(api.key, "POST", "/api/v1/accrue", ts, "sig-1", json.dumps(body).encode())
+    for other_body, other_key in (({"card": card, "amount_fen": 700000}, "sig-1"), (body, "sig-2")):
+        moved = await api.call("POST", "/accrue", other_body, idempotency_key=other_key, timestamp=int(ts),
+                               signature=signed)
+        assert moved.status == 401
+    # Not an API terminal (a POS of the same merchant), or no terminal at all: the same 401.
+    for terminal in (network.terminal_ids[0], "NOSUCH01"):
+        stranger = await api.call("POST", "/accrue", body, idempotency_key="x", headers={"X-Terminal": terminal})
+        assert stranger.status == 401
+    assert await postings_of(network, api.terminal_id) == 0
+    assert await network.balance(card) == 0
+
+
+async def test_stale_or_future_timestamp_is_refused(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    for skew in (-301, 301):
+        late = await api.post("/accrue", {"card": card, "amount_fen": 1000}, timestamp=int(time.time()) + skew)
+        assert late.status == 401 and late.code == "A0"
+    assert await network.balance(card) == 0
+
+
+async def test_replayed_inquiry_signature_is_refused(switch, network):
+    api = await api_client(switch, network)
+    ts = int(time.time())
+    first = await api.post("/inquire", {"card": network.cards[0], "pin": TEST_PIN}, timestamp=ts)
+    assert first.status == 200 and first.code == "00"
+    replayed = await api.post("/inquire", {"card": network.cards[0], "pin": TEST_PIN}, timestamp=ts)
+    assert replayed.status == 401
+
+
+async def test_idempotent_retry_gets_the_same_answer_and_posts_once(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    body = {"card": card, "amount_fen": 2500}
+    first = await api.post("/accrue", body, idempotency_key="order-1")
+    later = int(time.time()) + 1  # a retry is signed afresh ...
+    again = await api.post("/accrue", body, idempotency_key="order-1", timestamp=later)
+    replay = await api.post("/accrue", body, idempotency_key="order-1", timestamp=later)  # ... or replayed as is
+    assert first.code == "00"
+    assert again.body == first.body and replay.body == first.body
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert await network.balance(card) == 25
+    con = await network.db()
+    try:
+        rows = await con.fetch("SELECT request_key FROM requests WHERE terminal_id = $1", api.terminal_id)
+        mapped = await con.fetchval("SELECT count(*) FROM api_requests WHERE terminal_id = $1", api.terminal_id)
+    finally:
+        await con.close()
+    assert len(rows) == 1 and mapped == 1
+    assert await postings_of(network, api.terminal_id) == 1
+
+
+async def test_same_key_different_body_is_94(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    assert (await api.post("/accrue", {"card": card, "amount_fen": 2500}, idempotency_key="order-2")).code == "00"
+    other = await api.post("/accrue", {"card": card, "amount_fen": 2600}, idempotency_key="order-2")
+    assert other.status == 200 and other.code == "94"
+    also = await api.post("/redeem", {"card": card, "amount_fen": 100, "pin": TEST_PIN}, idempotency_key="order-2")
+    assert also.code == "94"
+    assert await network.balance(card) == 25
+
+
+async def test_two_concurrent_identical_requests_post_once(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[2]
+    body = {"card": card, "amount_fen": 4200}
+    for round_ in range(5):
+        answers = await asyncio.gather(*(api.post("/accrue", body, idempotency_key=f"same-{round_}")
+                                         for _ in range(2)))
+        assert [a.code for a in answers] == ["00", "00"]
+        assert answers[0].body == answers[1].body
+    assert await network.balance(card) == 5 * 42
+    assert await postings_of(network, api.terminal_id) == 5
+
+
+async def test_void_and_refund_name_the_original_by_its_idempotency_key(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    await api.post("/accrue", {"card": card, "amount_fen": 10000}, idempotency_key="sale-1")
+    await api.post("/accrue", {"card": card, "amount_fen": 5000}, idempotency_key="sale-2")
+    refunded = await api.post("/refund", {"card": card, "amount_fen": 4000, "original": "sale-1"})
+    assert refunded.code == "00" and refunded.body["points_balance"] == 110
+    voided = await api.post("/void", {"card": card, "amount_fen": 5000, "original": "sale-2"})
+    assert voided.code == "00" and voided.body["points_balance"] == 60
+    unknown = await api.post("/void", {"card": card, "amount_fen": 5000, "original": "never-sent"})
+    assert unknown.code == "25"
+    assert await network.balance(card) == 60
+
+
+async def test_malformed_bodies_are_400_with_code_30(switch, network):
+    api = await api_client(switch, network)
+    for body in ({"card": "12", "amount_fen": 1}, {"card": network.cards[0], "amount_fen": -5},
+                 {"card": network.cards[0], "amount_fen": 1.5}, {"card": network.cards[0]},
+                 {"card": network.cards[0], "amount_fen": 1, "extra": True}, [1, 2]):
+        answer = await api.post("/accrue", body)
+        assert answer.status == 400 and answer.code == "30", body
+    no_key = await api.call("POST", "/accrue", {"card": network.cards[0], "amount_fen": 100})
+    assert no_key.status == 400
+    assert await network.balance(network.cards[0]) == 0
+
+
+async def test_a_pos_over_tcp_and_the_api_see_one_balance(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    async with network.terminal(0) as pos:
+        assert (await pos.accrue(card, 3000)).rc == "00"
+        via_api = await api.post("/accrue", {"card": card, "amount_fen": 2000})
+        assert via_api.body["points_balance"] == 50
+        spent = await api.post("/redeem", {"card": card, "amount_fen": 15, "pin": TEST_PIN})
+        assert spent.body["points_balance"] == 35
+        seen_by_pos = await pos.inquiry(card)
+    assert seen_by_pos.rc == "00" and seen_by_pos.points_balance == 35
+
+
+async def test_an_api_terminal_is_refused_on_the_iso_listener(switch, network):
+    api = await api_client(switch, network, n=0)  # the POS terminal 0 becomes an API terminal
+    async with network.terminal(0, sign_on=False) as pos:
+        refused = await pos.sign_on()
+    assert refused.rc == "58"
+    assert (await api.post("/accrue", {"card": network.cards[0], "amount_fen": 100})).code == "00"
+
+
+async def test_a_disabled_api_terminal_is_refused_58(switch, network):
+    api = await api_client(switch, network)
+    con = await network.db()
+    try:
+        await admin.set_terminal_status(con, api.terminal_id, "disabled")
+    finally:
+        await con.close()
+    for _ in range(50):  # the switch learns of the change by NOTIFY
+        refused = await api.post("/accrue", {"card": network.cards[0], "amount_fen": 100})
+        if refused.status == 403:
+            break
+        await asyncio.sleep(0.05)
+    assert refused.status == 403 and refused.code == "58"
+
+
+async def test_openapi_description_is_served(switch):
+    answer = await _get(switch, "/api/v1/openapi.json")
+    assert answer["openapi"].startswith("3.1")
+    assert {"/accrue", "/redeem", "/void", "/refund", "/inquire", "/member/login", "/member/token",
+            "/member/balance", "/member/expiry", "/member/history"} <= set(answer["paths"])
+
+
+async def _get(switch, path):
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(base_url(switch) + path) as resp:
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def test_body_past_max_body_bytes_is_413(switch, network):
+    api = await api_client(switch, network)
+    import aiohttp
+
+    big = b"{" + b" " * (switch.config.http.max_body_bytes + 10) + b"}"
+    async with aiohttp.ClientSession() as http, http.post(api.base + "/api/v1/accrue", data=big,
+                                                              headers={"X-Terminal": api.terminal_id,
+                                                                       "X-Timestamp": str(int(time.time())),
+                                                                       "X-Signature": "00"}) as resp:
+        assert resp.status == 413
+
+
+async def test_member_cannot_use_a_card_it_does_not_hold(switch, network):
+    """Member endpoints take the card from the token alone."""
+    for path in ("/api/v1/member/balance", "/api/v1/member/expiry", "/api/v1/member/history"):
+        answer = await request(base_url(switch), "GET", path, headers={"Authorization": "Bearer nothing.here"})
+        assert answer.status == 401
