@@ -25,8 +25,9 @@ class NetworkState:
 
 async def network_state(con: asyncpg.Connection) -> NetworkState:
     row = await con.fetchrow(
-        "SELECT array(SELECT count(*) FROM upstream_reversals WHERE state = 'pending'"
-        " AND created_at >= now() - make_interval(secs => b) FROM unnest($1::float8[]) AS b) AS buckets,"
+        "SELECT array(SELECT (SELECT count(*) FROM upstream_reversals WHERE state = 'pending'"
+        " AND created_at >= now() - make_interval(secs => u.b)) FROM unnest($1::float8[]) WITH ORDINALITY"
+        " AS u(b, n) ORDER BY u.n) AS buckets,"
         " (SELECT count(*) FROM upstream_reversals WHERE state = 'pending') AS total",
         [float(b) for b in REVERSAL_AGE_BUCKETS_S])
     waiting = {str(b): int(n) for b, n in zip(REVERSAL_AGE_BUCKETS_S, row["buckets"], strict=True)}

@@ -105,6 +105,8 @@ def _body(raw: bytes, operation: str) -> dict[str, Any]:
 
 
 async def _posting(request: web.Request, operation: str) -> web.Response:
+    """``operation``: the endpoint; its ledger operation (void: of an accrual or of a
+    redemption, by the original) names it in the answer and the metrics, as on ISO."""
     state = request.app[STATE]
     request[OPERATION] = operation
     try:
@@ -120,6 +122,7 @@ async def _posting(request: web.Request, operation: str) -> web.Response:
             original = OriginalRef(ref_key.batch, ref_key.trace)
             if operation == "void" and found is not None and found.operation is Operation.REDEEM:
                 kind = Operation.VOID_REDEMPTION
+        request[OPERATION] = kind.value
         key = await state.terminals.request_key(caller.terminal_id, caller.idempotency_key)
     except Refused as refused:
         return refused.response
@@ -128,7 +131,7 @@ async def _posting(request: web.Request, operation: str) -> web.Response:
     pin = body.get("pin")
     command = Posting(caller.terminal_id, caller.merchant_id, key, body["card"], body["amount_fen"], kind,
                       original, pin_required=pin is not None, pin=pin)
-    return await execute(state.ledger, command, operation, timeout_s=state.request_timeout_s,
+    return await execute(state.ledger, command, kind.value, timeout_s=state.request_timeout_s,
                          commit_wait_s=state.commit_wait_s)
 
 
@@ -150,14 +153,14 @@ async def refund(request: web.Request) -> web.Response:
 
 async def inquire(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    request[OPERATION] = "inquire"
+    request[OPERATION] = "inquiry"
     try:
         caller = await _authenticate(request, state, "inquire", write=False)
     except Refused as refused:
         return refused.response
     body = caller.body
     command = Inquire(caller.terminal_id, caller.merchant_id, body["card"], pin_required=True, pin=body["pin"])
-    return await execute(state.ledger, command, "inquire", timeout_s=state.request_timeout_s,
+    return await execute(state.ledger, command, "inquiry", timeout_s=state.request_timeout_s,
                          commit_wait_s=state.commit_wait_s)
 
 
