@@ -242,3 +242,84 @@ async def test_member_cannot_use_a_card_it_does_not_hold(switch, network):
     for path in ("/api/v1/member/balance", "/api/v1/member/expiry", "/api/v1/member/history"):
         answer = await request(base_url(switch), "GET", path, headers={"Authorization": "Bearer nothing.here"})
         assert answer.status == 401
+
+
+async def test_concurrent_identical_redemptions_post_once(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[1]
+    await api.post("/accrue", {"card": card, "amount_fen": 10000})  # 100 points
+    body = {"card": card, "amount_fen": 30, "pin": TEST_PIN}
+    answers = await asyncio.gather(*(api.post("/redeem", body, idempotency_key="pay-1") for _ in range(3)))
+    assert {a.code for a in answers} == {"00"} and len({json.dumps(a.body) for a in answers}) == 1
+    assert await network.balance(card) == 70
+
+
+async def test_an_idempotency_key_belongs_to_its_terminal(switch, network):
+    shop, other = await api_client(switch, network, n=1), await api_client(switch, network, n=0)
+    card = network.cards[0]
+    assert (await shop.post("/accrue", {"card": card, "amount_fen": 1000}, idempotency_key="o-1")).code == "00"
+    # The same key from another terminal is another request; and it cannot void the first one.
+    assert (await other.post("/accrue", {"card": card, "amount_fen": 1000}, idempotency_key="o-1")).code == "00"
+    assert await network.balance(card) == 20
+    stolen = await other.post("/void", {"card": card, "amount_fen": 1000, "original": "o-1"})
+    assert stolen.code == "00"  # it voids its own o-1 ...
+    assert (await shop.post("/void", {"card": card, "amount_fen": 1000, "original": "o-1"})).code == "00"
+    assert await network.balance(card) == 0  # ... and each void undid its own terminal's accrual once
+    again = await other.post("/void", {"card": card, "amount_fen": 1000, "original": "o-1"})
+    assert again.code == "22"  # already voided: not eligible
+
+
+async def test_a_stalled_database_answers_96_posts_nothing_and_the_retry_posts_once(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[2]
+    body = {"card": card, "amount_fen": 7700}
+    con = await network.db()
+    try:
+        tx = con.transaction()
+        await tx.start()
+        await con.execute("SELECT 1 FROM cards WHERE card_index = $1 FOR UPDATE", network.card_index(card))
+        stalled = await api.post("/accrue", body, idempotency_key="stall-1")
+        await tx.rollback()
+    finally:
+        await con.close()
+    assert stalled.status == 503 and stalled.code == "96"
+    assert await network.balance(card) == 0
+    retried = await api.post("/accrue", body, idempotency_key="stall-1")
+    assert retried.code == "00" and retried.body["points_balance"] == 77
+    assert await postings_of(network, api.terminal_id) == 1
+
+
+def test_admin_terminal_api_key_prints_the_key_once_and_rotates_it(switch, network_factory):
+    from .test_cli import _cli
+
+    net = asyncio.run(network_factory())
+    tid = net.terminal_ids[0]
+    env = {"POINTSWITCH_MASTER_KEY": switch.master_key_hex}
+    first = _cli("admin", "terminal", "api-key", tid, "--dsn", switch.dsn, env=env).stdout
+    second = _cli("admin", "terminal", "api-key", tid, "--dsn", switch.dsn, env=env).stdout
+    keys = [line.split()[2] for line in (first + second).splitlines() if line.startswith("API key ")]
+    assert len(keys) == 2 and keys[0] != keys[1] and all(len(k) == 64 for k in keys)
+    con_rows = asyncio.run(_stored(switch.dsn, tid))
+    assert con_rows["generation"] == 2
+    assert keys[1].encode() not in con_rows["sealed"] and bytes.fromhex(keys[1]) not in con_rows["sealed"]
+
+    async def both() -> tuple[int, int]:
+        from .api_support import ApiClient
+
+        old = ApiClient(base_url(switch), tid, bytes.fromhex(keys[0]))
+        new = ApiClient(base_url(switch), tid, bytes.fromhex(keys[1]))
+        body = {"card": net.cards[0], "amount_fen": 100}
+        return (await old.post("/accrue", body)).status, (await new.post("/accrue", body)).status
+
+    assert asyncio.run(both()) == (401, 200)
+
+
+async def _stored(dsn: str, tid: str) -> dict[str, object]:
+    import asyncpg
+
+    con = await asyncpg.connect(dsn)
+    try:
+        row = await con.fetchrow("SELECT generation, key_sealed FROM api_keys WHERE terminal_id = $1", tid)
+        return {"generation": row["generation"], "sealed": bytes(row["key_sealed"])}
+    finally:
+        await con.close()

@@ -150,7 +150,7 @@ class MemberCards:
             sealed = await con.fetchval("SELECT sealed FROM api_secrets WHERE name = $1", name)
         return self._vault.open(sealed, f"api-secret:{name}")
 
-    # -- the default delivery of codes (web.api.codes.StoredCodes) ----------------
+    # -- the default delivery of codes (web.api.login_codes.StoredCodes) ----------------
     async def store_delivery(self, card_index: str, code: str) -> None:
         async with self._acquire() as con:
             await con.execute("DELETE FROM member_code_deliveries WHERE created_at < now() - make_interval(secs => $1)",

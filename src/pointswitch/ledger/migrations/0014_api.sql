@@ -49,7 +49,7 @@ CREATE TABLE member_codes (
     locked_until  timestamptz
 );
 
--- Codes handed to the delivery seam (web.api.codes.CodeSender) when no message
+-- Codes handed to the delivery seam (web.api.login_codes.CodeSender) when no message
 -- channel takes them: sealed ("member-code:<card_index>"), kept until expiry.
 CREATE TABLE member_code_deliveries (
     delivery_id   bigserial PRIMARY KEY,

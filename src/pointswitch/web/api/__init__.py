@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from ...ledger.api import ApiTerminals
@@ -19,12 +20,14 @@ from ...ledger.members import CodeRules, MemberCards
 from ...routing import codes
 from ...switch import metrics
 from . import member, merchant
-from .answers import CODE, OPERATION, refusal
-from .codes import StoredCodes
+from .answers import CODE, MASKED_CARD, OPERATION, refusal
 from .guard import KeyCache, ReplayGuard, TokenBuckets
+from .login_codes import StoredCodes
 from .openapi import openapi_document
 from .state import STATE, ApiState
 from .tokens import TokenSigner
+
+log = structlog.get_logger("pointswitch.web.api")
 
 PREFIX = "/api/v1"
 _REQUESTS = metrics.RequestMetrics("api")
@@ -51,8 +54,13 @@ async def _limit_and_count(request: web.Request, handler: Handler) -> web.Stream
         finally:
             state.in_flight -= 1
             metrics.API_REQUESTS_IN_FLIGHT.dec()
-    _REQUESTS.observe(request.get(OPERATION, "other"), response.get(CODE) or str(response.status),
-                      time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    operation, code = request.get(OPERATION, "other"), response.get(CODE) or str(response.status)
+    _REQUESTS.observe(operation, code, seconds)
+    log.info("api transaction" if code == codes.APPROVED else "api transaction declined", operation=operation,
+             terminal=request.headers.get("X-Terminal", "")[:8] or None, card=request.get(MASKED_CARD),
+             idempotency_key=request.headers.get("Idempotency-Key", "")[:64] or None, rc=code,
+             http_status=response.status, peer=request.remote, latency_ms=round(seconds * 1000, 2))
     return response
 
 

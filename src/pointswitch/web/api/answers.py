@@ -25,6 +25,7 @@ log = structlog.get_logger("pointswitch.web.api")
 # The response's code and the request's operation, for the metrics middleware (web.api.setup).
 CODE: web.ResponseKey[str] = web.ResponseKey("code")
 OPERATION: web.RequestKey[str] = web.RequestKey("operation")
+MASKED_CARD: web.RequestKey[str] = web.RequestKey("masked_card")  # for the request's log line
 
 
 def refusal(status: int, code: str, message: str, **extra: Any) -> web.Response:

@@ -16,9 +16,10 @@ from aiohttp import web
 
 from ...ledger import Inquire, Operation, OriginalRef, Posting, RequestKey
 from ...ledger.api import API_DIALECT, TracesExhausted
+from ...logs import mask_pan
 from ...routing import codes
 from . import guard
-from .answers import OPERATION, bad_request, execute, refusal, unauthorized
+from .answers import MASKED_CARD, OPERATION, bad_request, execute, refusal, unauthorized
 from .state import STATE, ApiState
 
 _TERMINAL = re.compile(r"[\x21-\x7e]{1,8}")
@@ -81,7 +82,9 @@ async def _authenticate(request: web.Request, state: ApiState, operation: str, *
         raise Refused(refusal(403, codes.INVALID_MERCHANT, "merchant not active"))
     if not auth.terminal_active or auth.profile.dialect != API_DIALECT:
         raise Refused(refusal(403, codes.NOT_ALLOWED_AT_TERMINAL, "terminal not enabled for the API"))
-    return Caller(terminal_id, auth.merchant_id, idempotency_key, _body(raw, operation))
+    body = _body(raw, operation)
+    request[MASKED_CARD] = mask_pan(body["card"])
+    return Caller(terminal_id, auth.merchant_id, idempotency_key, body)
 
 
 def _body(raw: bytes, operation: str) -> dict[str, Any]:

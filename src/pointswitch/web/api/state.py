@@ -10,8 +10,8 @@ from ...config import ApiConfig
 from ...ledger import Ledger
 from ...ledger.api import ApiTerminals
 from ...ledger.members import MemberCards
-from .codes import CodeSender
 from .guard import KeyCache, ReplayGuard, TokenBuckets
+from .login_codes import CodeSender
 from .tokens import TokenSigner
 
 
