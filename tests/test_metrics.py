@@ -56,3 +56,17 @@ async def test_metrics_count_iso_and_api_requests_by_listener_operation_and_code
     assert ("pointswitch_connections_open", ()) in after
     for secret in (card, *network.cards, *network.terminal_ids, *network.iso87_terminal_ids, network.merchant_id):
         assert secret not in text
+
+
+async def test_the_grafana_dashboard_asks_only_for_metrics_the_switch_serves(switch):
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    asked = {re.sub(r"_(bucket|count|sum)$", "", m) for e in exprs for m in re.findall(r"pointswitch_[a-z_]+", e)}
+    text, _ = await _scrape(switch)
+    served = set(re.findall(r"^# TYPE (pointswitch_[a-z_]+)", text, re.M))
+    served |= {re.sub(r"_total$", "", name) for name in served} | {f"{n}_total" for n in served}
+    assert asked and asked <= served, asked - served
