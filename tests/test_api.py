@@ -323,3 +323,17 @@ async def _stored(dsn: str, tid: str) -> dict[str, object]:
         return {"generation": row["generation"], "sealed": bytes(row["key_sealed"])}
     finally:
         await con.close()
+
+
+async def test_an_api_key_past_its_rate_is_answered_429(switch, network):
+    api = await api_client(switch, network)
+    rules = switch.config.api
+    started = time.monotonic()
+    # Malformed bodies: the rate is checked after the signature and before anything else.
+    answers = await asyncio.gather(*(api.post("/accrue", {"card": "1"}) for _ in range(rules.burst_per_key + 30)))
+    elapsed = time.monotonic() - started
+    statuses = [a.status for a in answers]
+    assert statuses.count(429) >= 1 and {a.code for a in answers if a.status == 429} == {"65"}
+    assert statuses.count(400) <= rules.burst_per_key + rules.requests_per_s_per_key * elapsed + 1
+    other = await api_client(switch, network, n=0)  # another key has its own rate
+    assert (await other.post("/accrue", {"card": network.cards[0], "amount_fen": 100})).code == "00"

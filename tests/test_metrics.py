@@ -4,11 +4,15 @@ id appears anywhere in it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from .api_support import api_client, base_url
 from .conftest import TEST_PIN
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json"
 
 
 async def _scrape(switch) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
@@ -61,9 +65,7 @@ async def test_metrics_count_iso_and_api_requests_by_listener_operation_and_code
 async def test_the_grafana_dashboard_asks_only_for_metrics_the_switch_serves(switch):
     import json
     import re
-    from pathlib import Path
-
-    dashboard = json.loads((Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     asked = {re.sub(r"_(bucket|count|sum)$", "", m) for e in exprs for m in re.findall(r"pointswitch_[a-z_]+", e)}
     text, _ = await _scrape(switch)

@@ -19,6 +19,7 @@ from ...ledger.api import ApiTerminals
 from ...ledger.members import CodeRules, MemberCards
 from ...routing import codes
 from ...switch import metrics
+from ...switch.health import DATABASE_ERRORS
 from . import member, merchant
 from .answers import CODE, MASKED_CARD, OPERATION, refusal
 from .guard import KeyCache, ReplayGuard, TokenBuckets
@@ -51,6 +52,10 @@ async def _limit_and_count(request: web.Request, handler: Handler) -> web.Stream
         except web.HTTPException as exc:  # 404, 405, 413 ...: counted, then answered as aiohttp does
             _REQUESTS.observe(request.get(OPERATION, "other"), str(exc.status), time.perf_counter() - started)
             raise
+        except Exception as exc:  # before the ledger's own deadline handling: nothing was posted
+            if not isinstance(exc, DATABASE_ERRORS):
+                log.exception("API request failed", operation=request.get(OPERATION, "other"))
+            response = refusal(503, codes.SYSTEM_MALFUNCTION, "not done: nothing was posted")
         finally:
             state.in_flight -= 1
             metrics.API_REQUESTS_IN_FLIGHT.dec()

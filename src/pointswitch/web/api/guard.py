@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -104,7 +105,7 @@ class KeyCache:
 
 
 def timestamp_fresh(timestamp: str, window_s: float, now: float | None = None) -> bool:
-    if not timestamp.isdigit() or len(timestamp) > 12:
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp):
         return False
     now = time.time() if now is None else now
     return abs(now - int(timestamp)) <= window_s

@@ -83,7 +83,9 @@ def _member_read(summary: str, schema: str, parameters: list[Any] | None = None)
     return {"get": {"summary": summary, "security": [{"member": []}], "parameters": parameters or [],
                     "responses": {"200": _json(_ref(schema), summary),
                                   "400": _json(_ref("Refusal"), "bad parameter"),
-                                  "401": _json(_ref("Refusal"), "no valid token")}}}
+                                  "401": _json(_ref("Refusal"), "no valid token"),
+                                  "404": _json(_ref("Refusal"), "no such card (14)"),
+                                  "503": _json(_ref("Refusal"), "not done (96)")}}}
 
 
 _DOCUMENT: dict[str, Any] = {
@@ -106,14 +108,16 @@ _DOCUMENT: dict[str, Any] = {
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Login")}}},
             "responses": {"202": _json(_ref("LoginAccepted"), "accepted"),
                           "400": _json(_ref("Refusal"), "malformed"),
-                          "429": _json(_ref("Refusal"), "too many from this address (65)")}}},
+                          "429": _json(_ref("Refusal"), "too many from this address (65)"),
+                          "503": _json(_ref("Refusal"), "not done (96)")}}},
         "/member/token": {"post": {
             "summary": "Exchange the one-time code for a bearer token",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("TokenRequest")}}},
             "responses": {"200": _json(_ref("Token"), "logged in"),
                           "400": _json(_ref("Refusal"), "malformed"),
                           "401": _json(_ref("Refusal"), "wrong or expired code (55); logins locked (75)"),
-                          "429": _json(_ref("Refusal"), "too many from this address (65)")}}},
+                          "429": _json(_ref("Refusal"), "too many from this address (65)"),
+                          "503": _json(_ref("Refusal"), "not done (96)")}}},
         "/member/balance": _member_read("The card's balance", "Balance"),
         "/member/expiry": _member_read("The card's points by expiry date", "Expiry"),
         "/member/history": _member_read("The card's last postings, newest first", "History", [
