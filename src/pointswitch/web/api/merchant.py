@@ -28,13 +28,13 @@ CARD = re.compile(r"[0-9]{12,19}")
 _PIN = re.compile(r"[0-9]{4,12}")
 MAX_AMOUNT_FEN = 10**12 - 1  # what an ISO amount (field 4, n12) can carry
 
-# Body fields per operation: what must be there (and nothing else may be).
-_FIELDS: dict[str, tuple[set[str], set[str]]] = {
-    "accrue": ({"card", "amount_fen"}, set()),
-    "redeem": ({"card", "amount_fen", "pin"}, set()),
-    "void": ({"card", "amount_fen", "original"}, set()),
-    "refund": ({"card", "amount_fen", "original"}, set()),
-    "inquire": ({"card", "pin"}, set()),
+# Body fields per operation: exactly these (so the fingerprint covers the whole request, PIN aside).
+_FIELDS: dict[str, set[str]] = {
+    "accrue": {"card", "amount_fen"},
+    "redeem": {"card", "amount_fen", "pin"},
+    "void": {"card", "amount_fen", "original"},
+    "refund": {"card", "amount_fen", "original"},
+    "inquire": {"card", "pin"},
 }
 
 
@@ -92,9 +92,9 @@ def _body(raw: bytes, operation: str) -> dict[str, Any]:
         body = json.loads(raw or b"null")
     except ValueError:
         raise Refused(bad_request("the body is not JSON")) from None
-    required, optional = _FIELDS[operation]
-    if not isinstance(body, dict) or not required <= set(body) or set(body) - required - optional:
-        raise Refused(bad_request(f"the body is an object with {', '.join(sorted(required))}"))
+    fields = _FIELDS[operation]
+    if not isinstance(body, dict) or set(body) != fields:
+        raise Refused(bad_request(f"the body is an object with {', '.join(sorted(fields))} and nothing else"))
     if not (isinstance(body["card"], str) and CARD.fullmatch(body["card"])):
         raise Refused(bad_request("card: 12 to 19 digits"))
     amount = body.get("amount_fen", 1)
