@@ -337,3 +337,14 @@ async def test_an_api_key_past_its_rate_is_answered_429(switch, network):
     assert statuses.count(400) <= rules.burst_per_key + rules.requests_per_s_per_key * elapsed + 1
     other = await api_client(switch, network, n=0)  # another key has its own rate
     assert (await other.post("/accrue", {"card": network.cards[0], "amount_fen": 100})).code == "00"
+
+
+async def test_a_void_of_a_redemption_gives_the_points_back(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[1]
+    await api.post("/accrue", {"card": card, "amount_fen": 5000})
+    paid = await api.post("/redeem", {"card": card, "amount_fen": 20, "pin": TEST_PIN}, idempotency_key="pay-9")
+    assert paid.body["points_balance"] == 30
+    voided = await api.post("/void", {"card": card, "amount_fen": 20, "original": "pay-9"})
+    assert voided.code == "00" and voided.body["operation"] == "void_redemption"
+    assert voided.body["points_balance"] == 50
