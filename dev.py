@@ -6,6 +6,8 @@
     python3 dev.py bench    the benchmark (bench/throughput.py)
     python3 dev.py faults   the fault campaign (bench/faults.py; --short, --long, --help)
     python3 dev.py close-bench   what closing a day of 1M postings costs (bench/close_day.py)
+    python3 dev.py targets  the hot path's targets in one run (bench/targets.py)
+    python3 dev.py profile  where the switch's CPU goes, by step (bench/profile.py; needs py-spy)
     python3 dev.py -- ARGS  any pointswitch command, e.g. python3 dev.py -- serve
 
 Creates .venv/ beside this file on first use (and again when pyproject.toml
@@ -71,6 +73,10 @@ def main(argv: list[str]) -> int:
         return run(str(BIN / "python"), "bench/faults.py", *rest)
     if what == "close-bench":
         return run(str(BIN / "python"), "bench/close_day.py", *rest)
+    if what == "targets":
+        return run(str(BIN / "python"), "bench/targets.py", *rest)
+    if what == "profile":
+        return run(str(BIN / "python"), "bench/profile.py", *rest)
     if what == "--":
         return run(str(BIN / "pointswitch"), *rest)
     print(__doc__)

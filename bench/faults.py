@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import secrets
@@ -56,6 +55,7 @@ from campaign.processes import Postgres, Processes, Sampler, Service, install_in
 from campaign.reconcile import Reconciliation, drained, reconcile
 from campaign.schedule import FaultPlan, Injector
 from campaign.terminals import CampaignTerminal, Entry, Progress, Rates, Stats, summary, write_journal
+from measure import clean_env
 
 MERCHANT = "MFAULT000000001"
 LOAD_PREFIX = "F"
@@ -137,12 +137,6 @@ def options(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- setting up ----------------------------------------------------------------------------------
-def clean_env(master_key: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POINTSWITCH_") and k != "PYTHONPATH"}
-    env["POINTSWITCH_MASTER_KEY"] = master_key
-    return env
-
-
 def knows_commit_wait(exe: Path, env: dict[str, str]) -> bool:
     """Whether the build under test has [limits] commit_wait_s (builds before "an answer never lies"
     refuse it): so that the same campaign runs against an older build for comparison."""

@@ -41,6 +41,7 @@ def clean_env(master_key: str) -> dict[str, str]:
     """The environment of the switch's commands: none of the caller's pointswitch settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("POINTSWITCH_") and k != "PYTHONPATH"}
     env["POINTSWITCH_MASTER_KEY"] = master_key  # ignored by builds without terminal security
+    env["POINTSWITCH_HTTP_PORT"] = "0"  # the web layer on a free port, so runs side by side never collide
     return env
 
 

@@ -29,6 +29,9 @@ from pointswitch.simulators.terminal import TerminalClient
 
 TEST_PIN = "123456"
 
+# Every `pointswitch serve` a test starts serves its web layer on a free port, never on 8080.
+os.environ.setdefault("POINTSWITCH_HTTP_PORT", "0")
+
 DIALECTS = {"cup": ("cup", "binary2"), "iso87": ("iso87", "ascii4")}
 
 

@@ -125,3 +125,28 @@ async def test_codes_are_never_stored_in_clear(switch, network):
     for row in rows:
         assert code not in str(dict(row))
     assert all(code.encode() not in bytes(d["code_sealed"]) for d in deliveries)
+
+
+async def test_a_login_code_goes_by_sms_to_the_registered_phone_and_nowhere_else(switch, tmp_path):
+    from .messaging import CARDS, PHONES, messaging_switch, until
+
+    async with messaging_switch(switch, tmp_path) as ms:
+        card, phone = CARDS[0], PHONES[0]
+        await ms.subscribe(card, "sms", phone)
+        assert ms.running.web is not None and ms.running.web.bound is not None
+        host, port = ms.running.web.bound
+        base = f"http://{host}:{port}"
+        assert (await request(base, "POST", "/api/v1/member/login", b'{"card": "%s"}' % card.encode())).status == 202
+        sms = await until(lambda: ms.inbox.to(phone), what="the login code by SMS")
+        code = sms[0]["params"]["code"]
+        assert len(code) == 6 and code in sms[0]["text"] and sms[0]["template"] == "login_code"
+        token = await request(base, "POST", "/api/v1/member/token", b'{"card": "%s", "code": "%s"}'
+                              % (card.encode(), code.encode()))
+        assert token.status == 200
+        # A card with no phone registered gets the same answer and no message.
+        assert (await request(base, "POST", "/api/v1/member/login",
+                              b'{"card": "%s"}' % CARDS[1].encode())).status == 202
+        assert len(ms.inbox.received) == 1
+        # Sent directly, never queued: no code in the outbox or anywhere else in the database.
+        assert await ms.outbox() == []
+        assert (await ms.fetch("SELECT count(*) AS n FROM member_code_deliveries"))[0]["n"] == 0

@@ -225,6 +225,32 @@ async def test_the_journal_is_append_only_and_a_changed_closed_day_is_found(swit
             assert any("changed" in p for p in await admin.check_invariants(con))
 
 
+async def test_what_the_journal_refers_to_is_never_deleted_and_an_orphan_is_found(switch, tmp_path):
+    """Decision 51: no per-row foreign keys from the journal; parents that can never go
+    away instead, and `admin check` looking for orphans."""
+    async with day_switch(switch, tmp_path) as day:
+        async with day.terminal("TDA00001", "MA0000000000001") as a:
+            assert (await a.accrue(CARD, 500)).approved
+        async with day.running.pool.acquire() as con:
+            for sql in ("DELETE FROM accounts", "DELETE FROM requests", "DELETE FROM cards",
+                        "DELETE FROM point_lots", "TRUNCATE accounts CASCADE", "TRUNCATE postings",
+                        "UPDATE accounts SET account_id = account_id + 1000",
+                        "UPDATE requests SET request_id = request_id + 1000"):
+                with pytest.raises(asyncpg.PostgresError, match="never deleted|append-only"):
+                    await con.execute(sql)
+            assert await admin.check_invariants(con) == []
+            # What a foreign key would have refused, written behind the ledger's back, is found.
+            await con.execute(
+                "INSERT INTO postings (request_id, reason, debit_account_id, credit_account_id, amount_points)"
+                " SELECT request_id, 'orphan', debit_account_id, -1, 1 FROM postings LIMIT 1")
+            await con.execute(
+                "INSERT INTO point_lots (card_index, origin, earned_on, points_earned, points_left, request_id)"
+                " VALUES (repeat('e', 64), 'opening', current_date, 0, 0, -5)")
+            problems = await admin.check_invariants(con)
+            assert "1 postings naming no account" in problems
+            assert "1 lots of no card or request" in problems
+
+
 async def test_the_scheduler_closes_the_days_whose_cut_off_and_grace_have_passed(switch, tmp_path):
     async with day_switch(switch, tmp_path) as day:
         d1 = await day.open_day()

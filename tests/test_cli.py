@@ -50,6 +50,8 @@ class Server:
             f'framing = "binary2"\n\n'
             f'[[listener]]\nname = "iso87"\nport = {self.iso}\nhost = "127.0.0.1"\ndialect = "iso87"\n'
             f'framing = "ascii4"\n\n[limits]\nshutdown_grace_s = 10\n' + extra_config
+            # The web layer on a free port: 8080 may be taken by another switch on this machine.
+            + ("" if "[http]" in extra_config else "\n[http]\nport = 0\n")
         )
         self.stderr_path = tmp / f"serve-{self.cup}.log"
         args = [*PS, "serve", "--config", str(self.config), "--log-level", log_level, *extra_args]
@@ -71,6 +73,16 @@ class Server:
                 return ready
             time.sleep(0.1)
         raise AssertionError("listeners not ready: " + self.stderr_path.read_text())
+
+    def wait_for(self, event: str, count: int, timeout_s: float = 30) -> list[dict]:
+        """The first ``count`` log events named ``event``, once there are that many."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [e for e in self.read_events() if e.get("event") == event]
+            if len(found) >= count:
+                return found[:count]
+            time.sleep(0.1)
+        raise AssertionError(f"fewer than {count} {event!r} events: " + self.stderr_path.read_text())
 
     def read_events(self) -> list[dict]:
         out = []
@@ -95,7 +107,7 @@ async def test_serve_with_two_workers_shares_the_ports_and_stops_cleanly(switch,
                     extra_args=("--workers", "2"))
     try:
         server.wait_ready(listeners=4)
-        running = [e for e in server.read_events() if e.get("event") == "switch running"]
+        running = server.wait_for("switch running", 2)
         assert sorted(e["worker"] for e in running) == [0, 1] and len({e["pid"] for e in running}) == 2
         network.ports = {"cup": server.cup, "iso87": server.iso}
         terms = [network.terminal(0, sign_on=i == 0) for i in range(12)]
@@ -345,6 +357,8 @@ def test_bank_simulator_and_connector_state_from_the_command_line(switch, tmp_pa
         bank.send_signal(signal.SIGTERM)
         bank.wait(10)
     assert (paid["rc"], paid["points_balance"]) == ("00", 15)
+    logged = [e["op"] for e in server.read_events() if e.get("event") == "transaction"]
+    assert logged == ["sign_on", "accrue", "cash_out"], "the log line names the ledger's operation"
     bank_state = next(c["state"] for c in state if c["name"] == "bank")
     assert bank_state["links_up"] == 2 and bank_state["answered"] >= 1
     lines = [json.loads(line) for line in ledger.read_text().splitlines()]

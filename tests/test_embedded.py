@@ -75,7 +75,7 @@ class Serve:
         self.port = _free_port()
         config = tmp / f"{name}.toml"
         config.write_text(f'[[listener]]\nname = "cup"\nport = {self.port}\nhost = "127.0.0.1"\n'
-                          '[limits]\nshutdown_grace_s = 5\n')
+                          '[limits]\nshutdown_grace_s = 5\n[http]\nport = 0\n')  # 8080 may be taken
         self.log = tmp / f"{name}.log"
         self._stderr = open(self.log, "w")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen([*PS, "serve", "--config", str(config), "--log-level", "info"],
@@ -265,7 +265,7 @@ def test_database_start_up_errors_are_one_line_naming_the_server(switch, tmp_pat
                       "no answer within 1 s"),
     }
     config = tmp_path / "one-listener.toml"
-    config.write_text('[[listener]]\nname = "cup"\nport = 0\nhost = "127.0.0.1"\n')
+    config.write_text('[[listener]]\nname = "cup"\nport = 0\nhost = "127.0.0.1"\n[http]\nport = 0\n')
     env = {**os.environ, **KEY}
     running: dict[tuple[str, str], subprocess.Popen[str]] = {}
     try:

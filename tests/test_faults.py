@@ -87,6 +87,38 @@ async def test_a_deadline_before_commit_answers_96_and_nothing_is_ever_posted(sw
     assert await network.balance(card) == 50
 
 
+async def test_a_retransmission_of_a_committed_accrual_in_a_stalled_batch_is_never_answered_96(switch, network):
+    """Found by the fault campaign (seed 767972841: an accrual answered 00, its
+    retransmission 96). A retransmission shares its group-commit batch with a new
+    accrual whose card is locked elsewhere; the deadline passes before the batch can
+    commit. The new accrual is answered 96 (nothing of it commits); the
+    retransmission is not: its original committed, so 96 would be a lie."""
+    card, other = network.cards[0], network.cards[1]
+    async with (guarded_switch(switch, request_timeout_s=1.0, group_commit_writers=1) as running,
+                on(running, network.terminal(0), "cup") as term):
+        first = await term.accrue(card, 5000)
+        assert first.rc == "00"
+        blocker, tx = await _locked(switch.dsn, "SELECT 1 FROM cards WHERE card_index = $1 FOR UPDATE",
+                                    network.card_index(other))
+        term.timeout_s, term.reversal_on_timeout = 4.0, False
+        try:
+            # The one writer is held by an accrual on the locked card; the retransmission
+            # and another accrual on that card wait and then make the next batch together.
+            stalled = asyncio.create_task(term.accrue(other, 100))
+            await asyncio.sleep(0.2)
+            again = asyncio.create_task(term.send(first.request))
+            await asyncio.sleep(0.05)
+            neighbour = asyncio.create_task(term.accrue(other, 200))
+            results = await asyncio.gather(stalled, again, neighbour, return_exceptions=True)
+        finally:
+            await tx.rollback()
+            await blocker.close()
+    assert [getattr(r, "rc", None) for r in (results[0], results[2])] == ["96", "96"], results
+    again_rc = getattr(results[1], "rc", None)
+    assert again_rc in (None, "00"), f"the retransmission of a committed accrual was answered {again_rc}"
+    assert await network.balance(card) == 50 and await network.balance(other) == 0
+
+
 async def test_a_request_whose_connection_closes_before_it_writes_is_given_up(switch, network):
     card = network.cards[0]
     async with guarded_switch(switch) as running:

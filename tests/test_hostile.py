@@ -50,6 +50,8 @@ async def guarded_switch(sut: SwitchUnderTest, dsn: str | None = None, **overrid
     cfg.security = dataclasses.replace(type(cfg.security)(), **{k: v for k, v in overrides.items()
                                                               if hasattr(cfg.security, k)})
     cfg.limits = dataclasses.replace(cfg.limits, **{k: v for k, v in overrides.items() if hasattr(cfg.limits, k)})
+    cfg.database = dataclasses.replace(cfg.database, **{k: v for k, v in overrides.items()
+                                                        if hasattr(cfg.database, k)})
     async with running_switch(cfg, dsn or sut.dsn, sut.vault) as running:
         yield running
 

@@ -30,8 +30,8 @@ from .ledger.identity import IdentityBlocks
 from .ledger.saf import ReversalQueue
 from .ledger.scheduler import DayCloser
 from .ledger.vault import Vault, VaultError, generate_key_file, parse_master_key, read_key_file
+from .messages import Messenger
 from .routing import ListenerPolicy, Router
-from .routing.table import Op
 from .switch import FrameHandler, Listener, Switch
 from .switch.forwarder import ReversalForwarder
 from .switch.guard import PeerGuard
@@ -125,6 +125,7 @@ class Running:
     forwarder: ReversalForwarder
     closer: DayCloser
     web: WebServer | None = None
+    messenger: Messenger | None = None  # delivers the outbox ([messages] enabled)
 
     def address(self, listener: str) -> tuple[str, int]:
         host, port = self.switch.bound[listener]
@@ -164,14 +165,18 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         connectors = {c.name: Connector(c, on_late=forwarder.on_late, identities=identities.next)
                       for c in config.connectors}
         forwarder.connectors = dict(connectors)
-        carried = {Op.POINTS_TO_CARD: config.cash_out.connector, Op.INSURANCE: config.insurance.connector}
-        router = Router(ledger, {op: connectors[name] for op, name in carried.items() if name in connectors},
+        router = Router(ledger, {op: connectors[u.connector] for op, u in usage.items() if u.connector in connectors},
                         guard)
         for connector in connectors.values():
             connector.start()
         forwarder.start()
         if config.day.auto_close:
             closer.start()
+        messenger = None
+        if config.messages.enabled:  # in every process: SKIP LOCKED shares the outbox between them
+            messenger = Messenger(pool, vault, config.messages, time_zone=config.day.time_zone,
+                                  connect=lambda: asyncpg.connect(dsn, timeout=config.database.command_timeout_s))
+            await messenger.start()
         listeners = [
             Listener(
                 name=lc.name, host=lc.host, port=lc.port, framing=framing(lc.framing),
@@ -185,18 +190,20 @@ async def running_switch(config: Config, dsn: str, vault: Vault) -> AsyncIterato
         web = None
         if config.http.enabled and os.environ.get(WORKER_ENV, "0") == "0":  # one worker serves the web layer
             web = WebServer(WebServices(config, pool, ledger, {"connectors": connectors, "forwarder": forwarder,
-                                                               "closer": closer, "vault": vault}))
+                                                               "closer": closer}))
         try:
             await switch.start()
             if web is not None:
                 await web.start()
             try:
-                yield Running(switch, ledger, pool, connectors, forwarder, closer, web)
+                yield Running(switch, ledger, pool, connectors, forwarder, closer, web, messenger)
             finally:
                 if web is not None:
                     await web.stop()
                 await switch.stop()
         finally:
+            if messenger is not None:
+                await messenger.stop()
             await closer.stop()
             await forwarder.stop()
             for connector in connectors.values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import admin, batches, days, demo, reversals, run, sim
+from . import admin, batches, days, demo, messages, operators, reversals, run, sim
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     reversals.add_parsers(admin_sub)
     days.add_parsers(admin_sub)
     batches.add_parsers(admin_sub)
+    operators.add_parsers(admin_sub)
     sim.add_parsers(sub)
+    messages.add_parsers(p, admin_sub)
     return p
 
 

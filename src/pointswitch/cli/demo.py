@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import logs
-from . import common
+from . import common, demo_messages
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -40,6 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.expiry.policy, cfg.expiry.months = "months", 24  # points earned today expire in two years
     cfg.listeners = [ListenerConfig("cup", 0, "cup", "binary2", host="127.0.0.1"),
                      ListenerConfig("iso87", 0, "iso87", "ascii4", host="127.0.0.1")]
+    cfg.http.port = 0  # a free port, as the listeners: a switch running on this machine holds 8080
     logs.configure(args.log_level or "error")  # the scenario prints what happens; --log-level shows more
     print(f"starting embedded PostgreSQL in {data_dir} ...", flush=True)
     dsn, embedded = common.resolve_dsn(cfg)
@@ -61,6 +62,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  {mark} rc {d['rc']}  {moved}  {shown:<13} {step.title}", flush=True)
 
     async def run() -> int:
+        inbox, hook_secrets = await demo_messages.start_inbox(cfg, [m[0] for m in DEMO_MERCHANTS])
         bank = await HostSimulator("bank", rules=[Rule(action="approve", delay_s=1.5, card=DEMO_SLOW_BANK_CARD)],
                                    ledger_file=data_dir / "bank-ledger.jsonl").start()
         insurer = await HostSimulator("insurer", ledger_file=data_dir / "insurer-ledger.jsonl").start()
@@ -70,12 +72,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg.cash_out = UsageConfig(connector="bank", points_per_yuan="100", min_amount_fen=10)
         cfg.insurance = UsageConfig(connector="insurer", points_per_yuan="100", min_amount_fen=10)
         try:
-            return await run_with_hosts(bank, insurer)
+            return await run_with_hosts(bank, insurer, inbox, hook_secrets)
         finally:
             await bank.stop()
             await insurer.stop()
+            await inbox.stop()
 
-    async def run_with_hosts(bank: HostSimulator, insurer: HostSimulator) -> int:
+    async def run_with_hosts(bank: HostSimulator, insurer: HostSimulator, inbox: Any,
+                             hook_secrets: dict[str, str]) -> int:
         async with running_switch(cfg, dsn, vault) as running:
             tmks: dict[str, bytes] = {}
             async with running.pool.acquire() as con:
@@ -83,7 +87,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     await admin.add_merchant(con, mid, name, rate, issue_price=price, redeem_value=value)
                     added = await admin.add_terminal(con, vault, tid, mid)
                     tmks[tid] = bytes.fromhex(added["tmk"])  # "loaded into the terminal"
-                await admin.add_card(con, vault, DEMO_CARD, "Li Lei", "13800000000", DEMO_PIN)
+                await admin.add_card(con, vault, DEMO_CARD, "Li Lei", demo_messages.DEMO_PHONE, DEMO_PIN)
+                await demo_messages.subscribe(con, vault, DEMO_CARD, inbox, hook_secrets)
             host, port = running.address("cup")
             for connector in running.connectors.values():
                 await connector.wait_available(5)
@@ -120,6 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"card balance {card['points_balance']} points;",
                   "ledger invariants hold" if not problems else f"INVARIANTS BROKEN: {problems}")
             closed = await end_of_day(running)
+            await demo_messages.print_received(running.pool, inbox)
             return 0 if not problems and closed["sum_net_fen"] == 0 else 1
 
     async def end_of_day(running: Any) -> dict[str, Any]:

@@ -28,11 +28,13 @@ Every limit is a named setting with a default (see docs/operator.md)::
     [expiry]
     policy = "months"          # never (default) | months | end_of_year
     months = 24
+    [messages]                 # messages to members and merchants (docs/messages.md)
+    sms_url = "https://sms.example/send"
 
 Environment: POINTSWITCH_CONFIG (file), POINTSWITCH_DSN, POINTSWITCH_DATA_DIR,
 POINTSWITCH_LOG_LEVEL, POINTSWITCH_MASTER_KEY (hex), and POINTSWITCH_LIMITS_<NAME>,
-POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME>, POINTSWITCH_DAY_<NAME> for any single setting of
-those sections.
+POINTSWITCH_DATABASE_<NAME>, POINTSWITCH_SECURITY_<NAME>, POINTSWITCH_DAY_<NAME>, POINTSWITCH_MESSAGES_<NAME>
+for any single setting of those sections.
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ from .sections import (
     ApiConfig,
     ConfigError,
     ConnectorConfig,
+    ConsoleConfig,
     DatabaseConfig,
     DayConfig,
     ExpiryConfig,
     HttpConfig,
     Limits,
     ListenerConfig,
+    MessagesConfig,
     MetricsConfig,
     SecurityConfig,
     UsageConfig,
@@ -64,9 +68,9 @@ from .sections import (
 WORKER_ENV = "POINTSWITCH_WORKER"  # set by ``serve --workers`` in each worker process: its number
 
 __all__ = [
-    "ApiConfig", "Config", "load", "ConfigError", "ConnectorConfig", "DEFAULT_LISTENERS", "DatabaseConfig", "DayConfig",
-    "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MetricsConfig", "SecurityConfig", "UsageConfig",
-    "WORKER_ENV",
+    "ApiConfig", "Config", "load", "ConfigError", "ConnectorConfig", "ConsoleConfig", "DEFAULT_LISTENERS",
+    "DatabaseConfig", "DayConfig", "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MessagesConfig",
+    "MetricsConfig", "SecurityConfig", "UsageConfig", "WORKER_ENV",
 ]
 
 
@@ -79,11 +83,13 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
     insurance: UsageConfig = field(default_factory=lambda: UsageConfig(connector="insurer", daily_limit_fen=1_000_000))
     day: DayConfig = field(default_factory=DayConfig)
     expiry: ExpiryConfig = field(default_factory=ExpiryConfig)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     log_level: str = "info"
     workers: int = 1  # serve processes sharing the listeners' ports (SO_REUSEPORT); ``serve --workers``
 
@@ -137,7 +143,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "http", "api", "day", "expiry", "log_level", "workers"}
+                          "metrics", "http", "api", "console", "day", "expiry", "messages", "log_level",
+                          "workers"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -166,9 +173,11 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
     _apply(config.http, raw.get("http", {}), "http")
     _apply(config.api, raw.get("api", {}), "api")
+    _apply(config.console, raw.get("console", {}), "console")
     _apply(config.day, raw.get("day", {}), "day")
     _apply(config.expiry, raw.get("expiry", {}), "expiry")
     config.expiry.validate()
+    _apply(config.messages, raw.get("messages", {}), "messages")
     if "log_level" in raw:
         config.log_level = str(raw["log_level"])
     if "workers" in raw:
@@ -177,7 +186,9 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     prefix_sections = {"POINTSWITCH_LIMITS_": ("limits", config.limits),
                        "POINTSWITCH_DATABASE_": ("database", config.database),
                        "POINTSWITCH_SECURITY_": ("security", config.security),
-                       "POINTSWITCH_DAY_": ("day", config.day)}
+                       "POINTSWITCH_DAY_": ("day", config.day),
+                       "POINTSWITCH_HTTP_": ("http", config.http),
+                       "POINTSWITCH_MESSAGES_": ("messages", config.messages)}
     for name, value in env.items():
         for prefix, (section, obj) in prefix_sections.items():
             if name.startswith(prefix):
@@ -212,6 +223,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
     config.day.validate()
     config.api.validate()
+    config.messages.validate()
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"workers is 1 to 64, not {config.workers}")
     db = config.database

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import time
 
 from ..codecs import DIALECTS
@@ -156,6 +156,19 @@ class ApiConfig:
 
 
 @dataclass
+class ConsoleConfig:
+    """The operator console (``/console``, docs/console.md): sessions, logins, lockout."""
+
+    session_ttl_s: float = 8 * 3600.0  # a session cookie is refused this long after sign-in
+    max_failed_logins: int = 5  # wrong passwords in a row before the account is locked
+    lockout_s: float = 900.0  # how long a locked account refuses every password
+    max_concurrent_logins: int = 4  # password checks (scrypt, 32 MiB each) at once; others wait
+    min_password_length: int = 12
+    page_rows: int = 100  # rows a list screen shows (postings, transactions, audit entries)
+    secure_cookies: bool = False  # mark cookies Secure (set it when a TLS proxy fronts the console)
+
+
+@dataclass
 class MetricsConfig:
     """Prometheus metrics over HTTP (``/metrics``); port 0 = not served."""
 
@@ -288,3 +301,61 @@ DEFAULT_LISTENERS = [
 ]
 
 
+
+
+MESSAGE_KINDS = ("accrual", "redemption", "cash_out", "insurance", "card_blocked", "points_expiring",
+                 "clearing_statement")
+
+
+@dataclass
+class MessagesConfig:
+    """Messages to members and merchants (docs/messages.md): the delivery workers,
+    their limits, and the channels. A channel with no address (``sms_url``,
+    ``smtp_host``) is off: its messages wait in the outbox."""
+
+    enabled: bool = True  # serve runs a delivery worker (in every process with --workers)
+    batch_size: int = 16  # messages one worker claims and sends at a time
+    poll_interval_s: float = 5.0  # looking for due messages when no NOTIFY came
+    send_timeout_s: float = 10.0  # one channel call (HTTP request, SMTP session)
+    max_attempts: int = 8  # failed sends before a message is given up (failed)
+    max_age_s: float = 86_400.0  # a message not delivered this long after it was queued is given up
+    backoff_initial_s: float = 5.0  # after a failed send, wait this long (doubled each time, +-25 % jitter) ...
+    backoff_max_s: float = 900.0  # ... up to this
+    # Members are not messaged between these local times (the [day] time zone); their
+    # messages wait until the end. Equal times: no quiet hours. Merchants are not held.
+    quiet_hours_start: str = "22:00"
+    quiet_hours_end: str = "08:00"
+    rate_limit_per_hour: int = 20  # messages per recipient and channel per hour; more wait
+    expiring_warning_days: int = 7  # tell members of points expiring within this many days
+    expiring_check_interval_s: float = 3600.0  # how often the warnings are looked for
+    # SMS gateway (HTTP, JSON): template ids per message kind, as the provider registered them
+    sms_url: str = ""
+    sms_sign_name: str = "积分联盟"
+    sms_template_ids: dict[str, str] = field(default_factory=dict)  # kind -> template id; default: the kind
+    # E-mail over SMTP
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = "pointswitch@localhost"
+    smtp_starttls: bool = False
+    smtp_user: str = ""
+    smtp_password_file: str = ""  # the SMTP password, read at start (never in the settings)
+    webhook: bool = True  # merchants' webhooks (the URL and secret are the contact's)
+    max_body_bytes: int = 16_384  # a rendered message past this is not sent (failed)
+
+    def validate(self) -> None:
+        for name in ("quiet_hours_start", "quiet_hours_end"):
+            try:
+                time.fromisoformat(getattr(self, name))
+            except ValueError:
+                raise ConfigError(f"[messages] {name} is a time HH:MM, not {getattr(self, name)!r}") from None
+        if self.batch_size < 1 or self.max_attempts < 1 or self.rate_limit_per_hour < 1:
+            raise ConfigError("[messages] batch_size, max_attempts and rate_limit_per_hour are at least 1")
+        if min(self.poll_interval_s, self.send_timeout_s, self.max_age_s, self.backoff_initial_s,
+               self.expiring_check_interval_s) <= 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError("[messages] intervals and timeouts > 0, backoff_max_s >= backoff_initial_s")
+        if not 0 <= self.expiring_warning_days <= 366:
+            raise ConfigError("[messages] expiring_warning_days is 0 to 366")
+        if not isinstance(self.sms_template_ids, dict) or set(self.sms_template_ids) - set(MESSAGE_KINDS):
+            raise ConfigError(f"[messages] sms_template_ids maps message kinds ({', '.join(MESSAGE_KINDS)}) to ids")
+        if self.sms_url and not self.sms_url.startswith(("http://", "https://")):
+            raise ConfigError("[messages] sms_url is an http(s) URL")

@@ -18,7 +18,17 @@ import asyncpg
 from ..codecs import crypto
 from . import audit, days
 from .carddata import mask_card
-from .cards import add_card, add_cards_in_bulk, set_card_status, set_pin, show_card, unlock_pin
+from .cards import (
+    add_card,
+    add_cards_in_bulk,
+    card_view,
+    set_card_status,
+    set_card_status_at,
+    set_pin,
+    show_card,
+    unlock_pin,
+    unlock_pin_at,
+)
 from .errors import AdminError
 from .merchants import add_merchant, get_merchant, insert_merchant, list_merchants, merchant_rates, update_merchant
 from .model import TerminalProfile
@@ -26,10 +36,10 @@ from .pins import pin_verifier
 from .vault import Vault
 
 __all__ = [
-    "AdminError", "add_card", "add_cards_in_bulk", "add_merchant", "add_terminal", "check_invariants",
+    "AdminError", "add_card", "add_cards_in_bulk", "add_merchant", "add_terminal", "card_view", "check_invariants",
     "checked_profile", "connectors", "get_merchant", "pin_verifier", "list_merchants", "list_terminals", "mask_card",
     "rekey_terminal", "seed", "set_card_status", "set_pin", "set_terminal_profile", "set_terminal_status",
-    "show_card", "unlock_pin", "update_merchant", "upstream_reversals",
+    "set_card_status_at", "show_card", "unlock_pin", "unlock_pin_at", "update_merchant", "upstream_reversals",
 ]
 
 
@@ -181,6 +191,27 @@ async def seed(con: asyncpg.Connection, vault: Vault, *, merchant_id: str, earn_
     return result
 
 
+# What the journal refers to (decision 51: checked here, not by a foreign key per row).
+_ORPHANS = {
+    "postings naming no account": "SELECT count(*) FROM postings p WHERE NOT EXISTS"
+    " (SELECT 1 FROM accounts a WHERE a.account_id = p.debit_account_id) OR NOT EXISTS"
+    " (SELECT 1 FROM accounts a WHERE a.account_id = p.credit_account_id)",
+    "postings of no request": "SELECT count(*) FROM postings p WHERE NOT EXISTS"
+    " (SELECT 1 FROM requests r WHERE r.request_id = p.request_id)",
+    "lots of no card or request": "SELECT count(*) FROM point_lots l WHERE NOT EXISTS"
+    " (SELECT 1 FROM cards c WHERE c.card_index = l.card_index) OR (l.request_id IS NOT NULL AND NOT EXISTS"
+    " (SELECT 1 FROM requests r WHERE r.request_id = l.request_id))",
+    "lot draws of no lot or request": "SELECT count(*) FROM lot_draws d WHERE NOT EXISTS"
+    " (SELECT 1 FROM point_lots l WHERE l.lot_id = d.lot_id) OR NOT EXISTS"
+    " (SELECT 1 FROM requests r WHERE r.request_id = d.request_id)",
+}
+
+
+async def _orphans(con: asyncpg.Connection) -> list[str]:
+    found = [(what, await con.fetchval(sql)) for what, sql in _ORPHANS.items()]
+    return [f"{n} {what}" for what, n in found if n]
+
+
 async def check_invariants(con: asyncpg.Connection) -> list[str]:
     """The ledger invariants of ARCHITECTURE.md; returns what is violated (empty = all hold)."""
     problems: list[str] = []
@@ -210,6 +241,7 @@ async def check_invariants(con: asyncpg.Connection) -> list[str]:
     )
     if overdrawn:
         problems.append(f"{overdrawn} lots whose points left and draws do not add up to what they earned")
+    problems += await _orphans(con)
     negative = await con.fetchval("SELECT count(*) FROM cards WHERE points_balance < 0")
     if negative:
         problems.append(f"{negative} cards have a negative balance")

@@ -13,6 +13,9 @@ import json
 import os
 import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +25,27 @@ import asyncpg
 _FORBIDDEN_DETAILS = {"pin", "pin_hash", "tmk", "key", "pik", "mak", "tdk", "card_number", "pan", "holder_name",
                       "phone"}
 _MASKED_PAN = re.compile(r"[0-9]{6}[*]{2,9}[0-9]{4}")
+
+
+# Who acts, and from where, when it is not this process's OS user at its terminal:
+# the web console names the operator signed in and the address of their browser.
+_ACTING: ContextVar[tuple[str, str] | None] = ContextVar("audit_acting", default=None)
+
+
+@contextmanager
+def acting_as(actor: str, where: str) -> Iterator[None]:
+    """Entries recorded inside (in this task) name ``actor`` and ``where``."""
+    token = _ACTING.set((actor, where))
+    try:
+        yield
+    finally:
+        _ACTING.reset(token)
+
+
+def current_actor() -> str:
+    """The actor entries recorded now would name."""
+    acting = _ACTING.get()
+    return acting[0] if acting else os_user()
 
 
 class AuditError(ValueError):
@@ -71,22 +95,26 @@ async def record(con: asyncpg.Connection, action: str, target: str, details: dic
     """Append one entry; returns its id. Call it inside the transaction of the change."""
     details = details or {}
     _check(action, target, details)
+    acting = _ACTING.get()
     return int(await con.fetchval(
         "INSERT INTO audit_log (actor, action, target, details, origin) VALUES ($1, $2, $3, $4, $5)"
         " RETURNING audit_id",
-        actor or os_user(), action, target, json.dumps(details, default=str), origin(),
+        actor or (acting[0] if acting else os_user()), action, target, json.dumps(details, default=str),
+        acting[1] if acting else origin(),
     ))
 
 
-async def entries(con: asyncpg.Connection, *, since: datetime | None = None, limit: int = 100
-                  ) -> list[dict[str, Any]]:
-    """The latest ``limit`` entries at or after ``since``, oldest first."""
+async def entries(con: asyncpg.Connection, *, since: datetime | None = None, limit: int = 100,
+                  actor: str | None = None, action: str | None = None) -> list[dict[str, Any]]:
+    """The latest ``limit`` entries at or after ``since`` (of one actor, of actions
+    starting with ``action``), oldest first."""
     if limit < 1:
         raise ValueError("limit is at least 1")
     rows = await con.fetch(
         "SELECT * FROM (SELECT audit_id, at, actor, action, target, details, origin FROM audit_log"
-        " WHERE ($1::timestamptz IS NULL OR at >= $1) ORDER BY audit_id DESC LIMIT $2) e ORDER BY audit_id",
-        since, limit,
+        " WHERE ($1::timestamptz IS NULL OR at >= $1) AND ($3::text IS NULL OR actor = $3)"
+        " AND ($4::text IS NULL OR starts_with(action, $4)) ORDER BY audit_id DESC LIMIT $2) e ORDER BY audit_id",
+        since, limit, actor, action,
     )
     return [
         {

@@ -64,20 +64,32 @@ async def add_card(con: asyncpg.Connection, vault: Vault, card_number: str, hold
 async def _change(con: asyncpg.Connection, vault: Vault, card_number: str, action: str, sql: str,
                   *args: Any, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one UPDATE of the card ($1 = its card index) and its audit entry, together."""
-    index = vault.card_index(card_number)
+    return await _change_at(con, vault, vault.card_index(card_number), action, sql, *args, details=details,
+                            named=mask_card(card_number))
+
+
+async def _change_at(con: asyncpg.Connection, vault: Vault, index: str, action: str, sql: str, *args: Any,
+                     details: dict[str, Any] | None = None, named: str = "with that index") -> dict[str, Any]:
     async with con.transaction():
-        done = await con.execute(sql, index, *args)
-        if done.endswith(" 0"):
-            raise AdminError(f"no card {mask_card(card_number)}")
-        await audit.record(con, action, mask_card(card_number), {"card_index": index, **(details or {})})
-    return await show_card(con, vault, card_number, postings_limit=0)
+        display = await con.fetchval(sql + " RETURNING pan_display", index, *args)
+        if display is None:
+            raise AdminError(f"no card {named}")
+        await audit.record(con, action, display, {"card_index": index, **(details or {})})
+    return await card_view(con, vault, index, postings_limit=0)
 
 
 async def set_card_status(con: asyncpg.Connection, vault: Vault, card_number: str, status: str) -> dict[str, Any]:
+    return await set_card_status_at(con, vault, vault.card_index(card_number), status, named=mask_card(card_number))
+
+
+async def set_card_status_at(con: asyncpg.Connection, vault: Vault, index: str, status: str, *,
+                             named: str = "with that index") -> dict[str, Any]:
+    """Block or unblock the card with card index ``index`` (the console names cards by it)."""
     if status not in ("active", "blocked"):
         raise AdminError("card status is active or blocked")
-    return await _change(con, vault, card_number, "card.block" if status == "blocked" else "card.unblock",
-                         "UPDATE cards SET status = $2, updated_at = now() WHERE card_index = $1", status)
+    return await _change_at(con, vault, index, "card.block" if status == "blocked" else "card.unblock",
+                            "UPDATE cards SET status = $2, updated_at = now() WHERE card_index = $1", status,
+                            named=named)
 
 
 async def set_pin(con: asyncpg.Connection, vault: Vault, card_number: str, pin: str) -> dict[str, Any]:
@@ -89,16 +101,27 @@ async def set_pin(con: asyncpg.Connection, vault: Vault, card_number: str, pin: 
 
 
 async def unlock_pin(con: asyncpg.Connection, vault: Vault, card_number: str) -> dict[str, Any]:
-    return await _change(con, vault, card_number, "card.unlock_pin",
-                         "UPDATE cards SET pin_failures = 0, pin_locked = false, updated_at = now()"
-                         " WHERE card_index = $1")
+    return await unlock_pin_at(con, vault, vault.card_index(card_number), named=mask_card(card_number))
+
+
+async def unlock_pin_at(con: asyncpg.Connection, vault: Vault, index: str, *,
+                        named: str = "with that index") -> dict[str, Any]:
+    return await _change_at(con, vault, index, "card.unlock_pin",
+                            "UPDATE cards SET pin_failures = 0, pin_locked = false, updated_at = now()"
+                            " WHERE card_index = $1", named=named)
 
 
 async def show_card(con: asyncpg.Connection, vault: Vault, card_number: str, postings_limit: int = 50, *,
                     reveal: bool = False) -> dict[str, Any]:
     """The card, its balance and its last postings. Number, holder and phone are
     masked; with ``reveal`` they are unsealed and shown, and the reveal is audited."""
-    index = vault.card_index(card_number)
+    return await card_view(con, vault, vault.card_index(card_number), postings_limit, reveal=reveal,
+                           named=mask_card(card_number))
+
+
+async def card_view(con: asyncpg.Connection, vault: Vault, index: str, postings_limit: int = 50, *,
+                    reveal: bool = False, named: str = "with that index") -> dict[str, Any]:
+    """:func:`show_card` for the card with card index ``index``."""
     async with con.transaction():
         card = await con.fetchrow(
             "SELECT card_index, pan_sealed, holder_sealed, phone_sealed, pan_display, status, points_balance,"
@@ -106,7 +129,7 @@ async def show_card(con: asyncpg.Connection, vault: Vault, card_number: str, pos
             index,
         )
         if card is None:
-            raise AdminError(f"no card {mask_card(card_number)}")
+            raise AdminError(f"no card {named}")
         if reveal:
             await audit.record(con, "card.reveal", card["pan_display"],
                                {"card_index": index, "fields": ["card_number", "holder_name", "phone"]})

@@ -98,6 +98,18 @@ ON CONFLICT (request_key) DO NOTHING
 RETURNING request_id
 """
 
+# A request sent upstream (``holds``): the same row, with its leg and sealed reversal.
+_INSERT_UPSTREAM_REQUEST = """
+INSERT INTO requests (request_key, fingerprint, operation, state, status, terminal_id,
+                      merchant_id, card_index, amount_fen, points, batch, trace, rrn,
+                      original_request_id, shortfall_points, outcome,
+                      upstream_connector, upstream_reference, reversal_sealed, deadline_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+        $17, $18, $19, now() + make_interval(secs => $20))
+ON CONFLICT (request_key) DO NOTHING
+RETURNING request_id
+"""
+
 _INSERT_POSTING = """
 INSERT INTO postings (request_id, reason, debit_account_id, credit_account_id, amount_points)
 VALUES ($1, $2, $3, $4, $5)
@@ -238,6 +250,11 @@ class LedgerCore:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
+    @property
+    def vault(self) -> Vault:
+        """The vault card numbers are indexed and sealed with (the console finds cards through it)."""
+        return self._vault
+
     async def execute(self, command: Command) -> Outcome:
         """The one entry point: run ``command`` in its own transaction."""
         handler = self._handlers[type(command)]
@@ -309,14 +326,20 @@ class LedgerCore:
         return self._vault.fingerprint(cmd.content_digest())
 
     async def _log(self, con: asyncpg.Connection, ctx: asyncpg.Record, cmd: Posting, outcome: Outcome, *,
-                   original_id: int | None = None, shortfall: int = 0) -> int:
+                   original_id: int | None = None, shortfall: int = 0, upstream: bool = False) -> int:
+        """The request's row under its key (raises _KeyTaken when the key is taken). With
+        ``upstream``: also the command's leg, its reversal sealed, and the deadline."""
         state = "approved" if outcome.approved else "pending" if outcome.status is Status.PENDING else "declined"
-        request_id = await con.fetchval(
-            _INSERT_REQUEST, str(cmd.key), self._fingerprint(cmd), cmd.operation.value, state,
-            outcome.status.value, cmd.terminal_id, cmd.merchant_id, ctx["card_index"],
-            cmd.amount_fen, outcome.points_moved, cmd.key.batch, cmd.key.trace, outcome.rrn,
-            original_id, shortfall, outcome.to_json(),
-        )
+        args = [str(cmd.key), self._fingerprint(cmd), cmd.operation.value, state,
+                outcome.status.value, cmd.terminal_id, cmd.merchant_id, ctx["card_index"],
+                cmd.amount_fen, outcome.points_moved, cmd.key.batch, cmd.key.trace, outcome.rrn,
+                original_id, shortfall, outcome.to_json()]
+        if upstream:
+            leg = cmd.upstream
+            assert leg is not None
+            args += [leg.connector, leg.reference, self._vault.seal(leg.reversal, f"reversal:{cmd.key}"),
+                     leg.deadline_s]
+        request_id = await con.fetchval(_INSERT_UPSTREAM_REQUEST if upstream else _INSERT_REQUEST, *args)
         if request_id is None:
             raise _KeyTaken
         return int(request_id)

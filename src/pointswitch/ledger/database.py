@@ -248,7 +248,7 @@ async def migrate(con: asyncpg.Connection, vault: Vault, *, up_to: int | None = 
 async def create_pool(dsn: str, *, min_size: int, max_size: int, command_timeout_s: float,
                       connect_timeout_s: float = 60.0) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout_s, timeout=connect_timeout_s
+        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout_s, timeout=connect_timeout_s,
     )
     assert pool is not None
     return pool

@@ -277,9 +277,11 @@ class GroupCommitter:
         # key twice in one batch (retransmissions on several connections) but the first.
         first: dict[str, _Item] = {}
         taken = {it for it in items if str(it.cmd.key) in known or first.setdefault(str(it.cmd.key), it) is not it}
-        for it in items:
-            it.gate.key_checked = True  # free now (a 96 could not hide an earlier commit), or answered from the log
         live = [it for it in items if it not in taken]
+        for it in live:  # its key is free: a 96 could not hide an earlier attempt that committed
+            it.gate.key_checked = True
+        # (A taken key's request is answered from the log or not at all, never 96: its
+        # earlier attempt committed. Its gate keeps key_checked False.)
         if not live:
             return taken
         terminals = [it.cmd.terminal_id for it in live]
@@ -297,6 +299,7 @@ class GroupCommitter:
                 it.request_id = ids.get(str(it.cmd.key))
                 if it.request_id is None:  # an earlier attempt of it holds the key
                     taken.add(it)
+                    it.gate.key_checked = False
             if len(ids) < len(logged):  # taken meanwhile by a batch that committed since _KEYS
                 await self._decided_again(con, items, taken, host_time)
         return taken

@@ -32,8 +32,10 @@ class HoldSteps(LotSteps):
             problem = cmd.pin_refusal
         if problem:
             return await self._decline(con, ctx, cmd, problem)
-        # The card row lock serialises this card's requests, so the daily total is exact.
-        await con.execute("SELECT 1 FROM cards WHERE card_index = $1 FOR UPDATE", ctx["card_index"])
+        # The card row lock serialises this card's requests, so the daily total is exact
+        # (the PIN check took it already).
+        if not cmd.pin_required:
+            await con.execute("SELECT 1 FROM cards WHERE card_index = $1 FOR UPDATE", ctx["card_index"])
         today = await con.fetchval(
             "SELECT coalesce(sum(amount_fen), 0) FROM requests WHERE card_index = $1 AND operation = $2"
             " AND state IN ('approved', 'pending') AND reversed_at IS NULL"
@@ -49,13 +51,7 @@ class HoldSteps(LotSteps):
         outcome = Outcome(Status.PENDING, points_moved=points, points_balance=spent.balance,
                           cash_value_fen=cash_value_fen(spent.balance, ctx["redeem_value"]), rrn=ctx["rrn"],
                           host_time=_now(), business_date=_day(ctx))
-        request_id = await self._log(con, ctx, cmd, outcome)
-        await con.execute(
-            "UPDATE requests SET upstream_connector = $2, upstream_reference = $3, reversal_sealed = $4,"
-            " deadline_at = now() + make_interval(secs => $5) WHERE request_id = $1",
-            request_id, leg.connector, leg.reference, self._vault.seal(leg.reversal, f"reversal:{cmd.key}"),
-            leg.deadline_s,
-        )
+        request_id = await self._log(con, ctx, cmd, outcome, upstream=True)
         await self._post_drawn(con, request_id, "hold", spent.account, await self.operator_account(con, "holds"),
                                points, spent)
         return outcome
@@ -67,8 +63,9 @@ class HoldSteps(LotSteps):
         async with self._transaction() as con:
             day = await con.fetchval(_BUSINESS_DATE)  # first, as every posting transaction: lock order
             row = await con.fetchrow(
-                "SELECT r.*, m.redeem_value_fen_per_point AS redeem_value FROM requests r"
-                " JOIN merchants m USING (merchant_id) WHERE r.request_key = $1 FOR UPDATE OF r", str(cmd.key),
+                "SELECT r.*, m.redeem_value_fen_per_point AS redeem_value, c.points_balance FROM requests r"
+                " JOIN merchants m USING (merchant_id) JOIN cards c USING (card_index)"
+                " WHERE r.request_key = $1 FOR UPDATE OF r", str(cmd.key),
             )
             if row is None:
                 return Outcome(Status.ORIGINAL_NOT_FOUND, host_time=_now())
@@ -78,8 +75,7 @@ class HoldSteps(LotSteps):
             if cmd.result == "approved":
                 await self._post(con, row["request_id"], "payout", holds,
                                  await self.operator_account(con, _UPSTREAM_ACCOUNT[op]), points)
-                balance = await con.fetchval("SELECT points_balance FROM cards WHERE card_index = $1",
-                                             row["card_index"])
+                balance = row["points_balance"]  # the points left the card with the hold
                 outcome = Outcome(Status.APPROVED, points_moved=points, points_balance=balance,
                                   cash_value_fen=cash_value_fen(balance, row["redeem_value"]), rrn=row["rrn"],
                                   auth_code=_auth_code(), host_time=_now(), business_date=day.isoformat(),

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from .contacts import address_context
 from .lots import card_expiries
 from .vault import Vault
 
@@ -139,6 +140,16 @@ class MemberCards:
                  "points": -r["amount_points"] if r["debit"] else r["amount_points"],
                  "merchant_id": r["merchant_id"], "rrn": r["rrn"],
                  "business_date": r["business_date"].isoformat() if r["business_date"] else None} for r in rows]
+
+    async def sms_contact(self, card_index: str) -> tuple[str, str] | None:
+        """The member's phone number (unsealed, memory only) and language, if registered."""
+        async with self._acquire() as con:
+            row = await con.fetchrow("SELECT address_sealed, language FROM contacts WHERE recipient_kind = 'member'"
+                                     " AND recipient_ref = $1 AND channel = 'sms'", card_index)
+        if row is None:
+            return None
+        phone = self._vault.open(row["address_sealed"], address_context("member", card_index, "sms")).decode()
+        return phone, row["language"]
 
     # -- the web layer's own secrets ------------------------------------------------
     async def secret(self, name: str, size: int = 32) -> bytes:

@@ -58,6 +58,11 @@ class KeyScheme(StrEnum):
 
 
 class Operation(StrEnum):
+    """A financial operation on a card's points, asked by a terminal or (``EXPIRE``)
+    made by the expiry run. The values are stored (``requests.operation``) and logged:
+    they never change."""
+
+    INQUIRY = "inquiry"  # a balance inquiry: routed and logged, posts nothing
     ACCRUE = "accrue"
     REDEEM = "redeem"
     VOID_ACCRUAL = "void_accrual"

@@ -8,12 +8,18 @@ nothing to search. Hashes of earlier versions (``scrypt$...``) still verify, in 
 bounded thread pool, and are replaced by a verification value at the card's next
 right PIN.
 
-The check runs outside any database transaction and holds no connection while
-it computes. Each try is reserved before the PIN is verified, in one UPDATE that
-only succeeds while the card's failures plus its tries in progress are below
-``max_pin_tries``: parallel guesses cannot get more tries than the limit,
-whatever their interleaving. A try whose process died before it ended counts as
-a wrong one once it is older than ``check_time_limit_s``.
+A verification value is checked inside the request's own transaction
+(``check_locked``): the card row is locked, its failures read, the PIN verified
+(microseconds) and a wrong try counted, all before the request is decided and
+in the same commit. The row lock serialises every try on the card, so parallel
+guesses cannot get more tries than ``max_pin_tries``, whatever their
+interleaving, and a right PIN costs no write at all.
+
+A hash of an earlier version is checked outside any transaction (``check``),
+holding no connection while scrypt computes. Each such try is reserved before
+the PIN is verified, in one UPDATE that only succeeds while the card's failures
+plus its tries in progress are below ``max_pin_tries``. A try whose process died
+before it ended counts as a wrong one once it is older than ``check_time_limit_s``.
 """
 
 from __future__ import annotations
@@ -82,6 +88,28 @@ RETURNING pin_locked, pin_failures
 """
 
 
+class LegacyPin(Exception):
+    """The card's PIN is stored as a hash of an earlier version: ``check`` it outside
+    the transaction (which is rolled back), then run the request again."""
+
+
+# The card row, locked: every PIN try on the card waits here for the one before it.
+# Tries reserved by ``check`` (hashes of earlier versions) and not yet ended count as
+# in progress until they are older than $2 seconds.
+_LOCK = """
+SELECT status, pin_hash, pin_locked, pin_failures,
+       CASE WHEN pin_check_at >= now() - make_interval(secs => $2) THEN pin_checks_pending ELSE 0 END AS in_progress
+FROM cards WHERE card_index = $1
+FOR UPDATE
+"""
+
+_WRONG_LOCKED = """
+UPDATE cards SET pin_failures = pin_failures + 1, pin_locked = pin_locked OR pin_failures + 1 >= $2
+WHERE card_index = $1
+RETURNING pin_locked, pin_failures
+"""
+
+
 class PinCheck:
     def __init__(self, pool: asyncpg.Pool, pvk: bytes, max_pin_tries: int, pin_workers: int, *,
                  check_time_limit_s: float = 30.0, busy_wait_s: float = 2.0):
@@ -95,6 +123,32 @@ class PinCheck:
 
     def close(self) -> None:
         self._legacy_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def check_locked(self, con: asyncpg.Connection, card_number: str, card_index: str, pin: str | None
+                           ) -> Status | None:
+        """As ``check``, inside the request's transaction on ``con``: None when the PIN
+        is right or the card's own state decides the answer. A wrong try is counted in
+        the transaction, so it commits with the request's decline. Raises LegacyPin when
+        the card's PIN is a hash of an earlier version."""
+        row = await con.fetchrow(_LOCK, card_index, self.check_time_limit_s)
+        if row is None or row["status"] != "active":
+            return None  # the operation answers unknown (14) or blocked (62)
+        if row["pin_locked"] or row["pin_failures"] >= self.max_pin_tries:
+            return Status.PIN_LOCKED
+        stored = row["pin_hash"]
+        if pin is None or stored is None:
+            return Status.WRONG_PIN  # no PIN block, or no PIN set: not counted as a try
+        if not stored.startswith(PVV_SCHEME + "$"):
+            raise LegacyPin
+        if row["pin_failures"] + row["in_progress"] >= self.max_pin_tries:
+            return Status.TOO_FREQUENT  # old-form tries of this card still running: they may use up the limit
+        if re.fullmatch(r"[0-9]{4,12}", pin) and hmac.compare_digest(pin_verifier(self._pvk, card_number, pin), stored):
+            if row["pin_failures"]:
+                await con.execute("UPDATE cards SET pin_failures = 0 WHERE card_index = $1", card_index)
+            return None
+        wrong = await con.fetchrow(_WRONG_LOCKED, card_index, self.max_pin_tries)
+        log.info("wrong PIN", tries=wrong["pin_failures"], locked=wrong["pin_locked"])
+        return Status.PIN_LOCKED if wrong["pin_locked"] else Status.WRONG_PIN
 
     async def check(self, card_number: str, card_index: str, pin: str | None) -> Status | None:
         """None when the PIN is right, or when the card's own state decides the answer

@@ -13,6 +13,7 @@ from .core import _auth_code, _day, _now, clawback_due, points_for_value
 from .decide import card_refusal, cash_value_fen, earned_points
 from .lots import LotSteps
 from .model import Inquire, Operation, Outcome, Posting, Status
+from .pins import LegacyPin
 
 log = structlog.get_logger("pointswitch.ledger")
 
@@ -20,7 +21,14 @@ log = structlog.get_logger("pointswitch.ledger")
 class PostingSteps(LotSteps):
     async def _inquire(self, cmd: Inquire) -> Outcome:
         card_index = self._vault.card_index(cmd.card_number)
-        pin_refusal = await self._pins.check(cmd.card_number, card_index, cmd.pin) if cmd.pin_required else None
+        try:
+            return await self._inquire_once(cmd, card_index, None, pin_checked=False)
+        except LegacyPin:  # an old-form PIN hash: checked outside the transaction
+            refusal = await self._pins.check(cmd.card_number, card_index, cmd.pin)
+            return await self._inquire_once(cmd, card_index, refusal, pin_checked=True)
+
+    async def _inquire_once(self, cmd: Inquire, card_index: str, pin_refusal: Status | None, *,
+                            pin_checked: bool) -> Outcome:
         async with self._transaction() as con:
             ctx = await self._context(con, cmd, card_index)
             if isinstance(ctx, Outcome):
@@ -29,6 +37,8 @@ class PostingSteps(LotSteps):
                 return Outcome(Status.UNKNOWN_CARD, rrn=ctx["rrn"], host_time=_now())
             if ctx["card_status"] != "active":
                 return Outcome(Status.BLOCKED_CARD, rrn=ctx["rrn"], host_time=_now())
+            if cmd.pin_required and not pin_checked:
+                pin_refusal = await self._pins.check_locked(con, cmd.card_number, card_index, cmd.pin)
             if pin_refusal:
                 return Outcome(pin_refusal, rrn=ctx["rrn"], host_time=_now())
         balance = ctx["points_balance"]

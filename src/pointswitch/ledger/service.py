@@ -35,6 +35,7 @@ from .model import (
     SignOn,
     UploadBatch,
 )
+from .pins import LegacyPin
 from .postings import PostingSteps
 from .reversals import ReversalSteps
 
@@ -67,16 +68,28 @@ class Ledger(PostingSteps, ReversalSteps, BatchSteps):
         if stored is not None:
             return stored
         gate.current().key_checked = True
-        if cmd.pin_required:  # the check runs before the transaction, holding no connection
+        try:
+            return await self._post_once(cmd, card_index, pin_checked=False)
+        except LegacyPin:  # an old-form PIN hash: checked before the transaction, holding no connection
             cmd = replace(cmd, pin_refusal=await self._pins.check(cmd.card_number, card_index, cmd.pin))
+            return await self._post_once(cmd, card_index, pin_checked=True)
+
+    async def _post_once(self, cmd: Posting, card_index: str, *, pin_checked: bool) -> Outcome:
+        """The request's transaction: context, the PIN (card row locked), the operation's step."""
         try:
             async with self._transaction() as con:
                 ctx = await self._context(con, cmd, card_index)
                 if isinstance(ctx, Outcome):
                     return ctx
+                if cmd.pin_required and not pin_checked:  # (locks the card row, as the steps expect)
+                    cmd = replace(cmd, pin_refusal=await self._pins.check_locked(con, cmd.card_number, card_index,
+                                                                                  cmd.pin))
+                elif cmd.pin_required:
+                    await con.execute("SELECT 1 FROM cards WHERE card_index = $1 FOR UPDATE", card_index)
                 step = _STEPS[cmd.operation]
                 return await step(self, con, ctx, cmd)
-        except _KeyTaken:
+        except _KeyTaken:  # an identical request committed meanwhile: a 96 now would hide it
+            gate.current().key_checked = False
             return await self._replay(cmd.key, self._fingerprint(cmd))
 
 

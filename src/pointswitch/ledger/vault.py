@@ -7,7 +7,8 @@ Below the master key sit the data keys (table ``vault_keys``): random 32-byte
 keys, each sealed under the master key, created on first use and unsealed at
 start-up. ``card_index`` keys the HMAC that turns a card number into the
 database's lookup key, ``fingerprint`` the HMAC of request fingerprints, ``pvk``
-is the PIN verification key. Changing the master key therefore means
+is the PIN verification key, ``console_session`` signs the web console's session
+cookies. Changing the master key therefore means
 re-sealing these few rows (and the terminals' keys), never re-indexing cards.
 """
 
@@ -26,8 +27,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 _CHECK = b"pointswitch vault check"
 
 # The data keys every database has: HMAC key of the card index, HMAC key of
-# request fingerprints, PIN verification key.
-DATA_KEYS = ("card_index", "fingerprint", "pvk")
+# request fingerprints, PIN verification key, HMAC key of the console's session
+# cookies and form tokens.
+DATA_KEYS = ("card_index", "fingerprint", "pvk", "console_session")
 _DATA_KEY_BYTES = 32
 
 

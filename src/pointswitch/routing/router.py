@@ -30,6 +30,7 @@ from ..codecs.subfields import (
     render_62,
 )
 from ..ledger import (
+    UPSTREAM_OPERATIONS,
     Command,
     CompleteUpstream,
     DropSession,
@@ -55,17 +56,7 @@ from .auth import Guard, OpenGuard, Origin
 from .legs import UpstreamLost, UpstreamPort, UpstreamTimeout, UpstreamUnavailable
 from .responses import ECHO, Response, error_response
 from .settlement import SETTLEMENT_OPS, SettlementRouter
-from .table import Op, Route
-
-_OPERATION = {
-    Op.ACCRUE: Operation.ACCRUE,
-    Op.REDEEM: Operation.REDEEM,
-    Op.VOID_ACCRUAL: Operation.VOID_ACCRUAL,
-    Op.VOID_REDEMPTION: Operation.VOID_REDEMPTION,
-    Op.REFUND: Operation.REFUND,
-    Op.POINTS_TO_CARD: Operation.CASH_OUT,
-    Op.INSURANCE: Operation.INSURANCE,
-}
+from .table import Network, Route
 
 _BANK_CARD = re.compile(r"[0-9]{12,19}")
 _POLICY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,39}")
@@ -82,7 +73,7 @@ class FormatError(ValueError):
 
 
 class Router:
-    def __init__(self, ledger: Ledger, connectors: Mapping[Op, UpstreamPort] | None = None,
+    def __init__(self, ledger: Ledger, connectors: Mapping[Operation, UpstreamPort] | None = None,
                  guard: Guard | None = None):
         """``connectors``: the upstream host that carries each two-phase operation;
         an operation with none is answered 40. ``guard``: the switch's per-peer
@@ -105,11 +96,11 @@ class Router:
         route = table.find(request, f60.txn_type, network_code)
         if route is None:
             return error_response(request, codes.INVALID_TRANSACTION)
-        if not route.supported or (route.op in table.UPSTREAM and route.op not in self._connectors):
+        if not route.supported or (route.op in UPSTREAM_OPERATIONS and route.op not in self._connectors):
             return self._with_op(error_response(request, codes.FUNCTION_NOT_SUPPORTED), route)
         if any(f not in request for f in route.required):
             return self._with_op(error_response(request, codes.FORMAT_ERROR), route)
-        if route.op is Op.ECHO:
+        if route.op is Network.ECHO:
             return self._respond(request, Outcome(Status.APPROVED, host_time=_now()), route, f60)
         if route.op in SETTLEMENT_OPS:
             return await self._settlement.handle(message, route, f60, origin)
@@ -124,7 +115,7 @@ class Router:
         assert auth is not None
         if isinstance(command, SignOn):
             return await self._sign_on(request, route, f60, command, auth, origin)
-        if route.op is Op.SIGN_OFF:
+        if route.op is Network.SIGN_OFF:
             return await self._sign_off(message, route, f60, auth, origin)
         return await self._financial(message, route, f60, command, auth, origin)
 
@@ -176,8 +167,9 @@ class Router:
             return self._signed(self._decline(request, route, Status.UNKNOWN_CARD), mac_fn)
         if route.pin and isinstance(command, Inquire | Posting):
             command = replace(command, pin_required=True, pin=auth_steps.clear_pin(request, session))
-        if route.op in table.UPSTREAM and isinstance(command, Posting):
-            outcome = await self._two_phase(command, self._connectors[route.op], insurance=route.op is Op.INSURANCE)
+        if isinstance(command, Posting) and command.operation in UPSTREAM_OPERATIONS:
+            outcome = await self._two_phase(command, self._connectors[command.operation],
+                                            insurance=command.operation is Operation.INSURANCE)
         else:
             outcome = await self._ledger.execute(command)
         response = self._respond(request, outcome, route, f60, authenticated=authenticated)
@@ -282,27 +274,28 @@ class Router:
     def _command(self, req: Fields, route: Route, f60: Field60) -> Command:
         terminal = req["41"].rstrip()
         merchant = req["42"].rstrip()
-        if route.op is Op.SIGN_ON:
+        if route.op is Network.SIGN_ON:
             return SignOn(terminal, merchant, _KEY_SCHEMES.get(f60.network_code, KeyScheme.DOUBLE))
-        if route.op is Op.SIGN_OFF:
+        if route.op is Network.SIGN_OFF:
             return Command(terminal, merchant)
+        operation = route.op
+        assert isinstance(operation, Operation)  # echo and the batch messages are answered before
         card = req["2"]
-        if route.op is Op.INQUIRY:
+        if operation is Operation.INQUIRY:
             return Inquire(terminal, merchant, card)
         key = RequestKey(terminal, int(f60.batch), int(req["11"]))
         amount_fen = int(req["4"])
-        operation = _OPERATION[route.op]
         if req["t"] in ("0400", "0420"):
             return Reverse(terminal, merchant, key, card, amount_fen, operation)
         original = None
-        if route.op in (Op.VOID_ACCRUAL, Op.VOID_REDEMPTION, Op.REFUND):
+        if operation in (Operation.VOID_ACCRUAL, Operation.VOID_REDEMPTION, Operation.REFUND):
             f61 = parse_61(req["61"])
-            rrn = req.get("37", "").strip() if route.op is not Op.REFUND else ""
+            rrn = req.get("37", "").strip() if operation is not Operation.REFUND else ""
             original = OriginalRef(int(f61.batch), int(f61.trace), rrn)
         counterparty = ""
-        if route.op in table.UPSTREAM:
+        if operation in UPSTREAM_OPERATIONS:
             counterparty = req["48"].strip()
-            pattern = _POLICY if route.op is Op.INSURANCE else _BANK_CARD
+            pattern = _POLICY if operation is Operation.INSURANCE else _BANK_CARD
             if not pattern.fullmatch(counterparty):
                 raise FormatError("field 48 is not a bank card number or policy number")
         return Posting(terminal, merchant, key, card, amount_fen, operation, original, counterparty=counterparty)
@@ -321,7 +314,7 @@ class Router:
         host_time = datetime.fromisoformat(outcome.host_time) if outcome.host_time else datetime.now()
         fields["12"] = host_time.strftime("%H%M%S")
         fields["13"] = host_time.strftime("%m%d")
-        if route.op in (Op.SIGN_ON, Op.SIGN_OFF, Op.ECHO):
+        if route.op in (Network.SIGN_ON, Network.SIGN_OFF, Network.ECHO):
             batch = f"{outcome.batch:06d}" if outcome.batch is not None else f60.batch
             fields["60"] = Field60(f60.txn_type, batch, f60.network_code).render()
             if outcome.key_exchange is not None:
@@ -350,11 +343,11 @@ class Router:
         # 44: what expires next on the card (approved accruals, to an authenticated terminal, when something expires):
         # the last valid business date YYYYMMDD and the points, n12 (docs/integrator.md).
         next_expiry = outcome.extra.get("next_expiry")
-        if outcome.approved and authenticated and route.op is Op.ACCRUE and next_expiry:
+        if outcome.approved and authenticated and route.op is Operation.ACCRUE and next_expiry:
             fields["44"] = next_expiry["date"].replace("-", "") + f"{min(next_expiry['points'], 10**12 - 1):012d}"
-        if outcome.approved and route.op is Op.INSURANCE:
+        if outcome.approved and route.op is Operation.INSURANCE:
             fields["63"] = outcome.extra.get("upstream_reference", "")[:163] or str(outcome.points_moved)
-        elif outcome.approved and route.op is not Op.INQUIRY:
+        elif outcome.approved and route.op is not Operation.INQUIRY:
             fields["63"] = str(outcome.points_moved)
         return Response(fields, processing_requirement=3 if fields["39"] in codes.SIGN_ON_AGAIN else 0,
                         op=route.op.value)

@@ -48,11 +48,11 @@ from . import auth as auth_steps
 from . import codes
 from .auth import Guard, Origin
 from .responses import ECHO, Response, error_response
-from .table import Op, Route
+from .table import Network, Route
 
 log = structlog.get_logger("pointswitch.routing")
 
-SETTLEMENT_OPS = {Op.SETTLEMENT, Op.BATCH_UPLOAD, Op.UPLOAD_END}
+SETTLEMENT_OPS = {Network.SETTLEMENT, Network.BATCH_UPLOAD, Network.UPLOAD_END}
 
 BALANCED, NOT_BALANCED = 1, 2  # the result digit of a totals block in the 0510
 
@@ -66,12 +66,12 @@ def command(request: Fields, route: Route, f60: Field60) -> Command:
     fields do not fit (answered 30)."""
     terminal, merchant = request["41"].rstrip(), request["42"].rstrip()
     batch, trace = int(f60.batch), int(request["11"])
-    if route.op is Op.SETTLEMENT:
+    if route.op is Network.SETTLEMENT:
         totals = parse_48_totals(request["48"])
         if totals.domestic.result or totals.foreign.result:
             raise ValueError("a settlement request carries 0 in both result digits")
         return SettleBatch(terminal, merchant, batch, trace, _totals(totals.domestic))
-    if route.op is Op.BATCH_UPLOAD:
+    if route.op is Network.BATCH_UPLOAD:
         records = tuple(UploadRecord(r.trace, r.card_number, r.amount_fen, r.card_organisation)
                         for r in parse_48_upload(request["48"]))
         return UploadBatch(terminal, merchant, batch, trace, records)
@@ -95,7 +95,7 @@ class SettlementRouter:
         if refusal is not None:
             return _decline(request, route, codes.FOR_STATUS[refusal])
         assert auth is not None
-        mac_fn, refusal = self._authenticate(message, auth, origin, settles=route.op is Op.SETTLEMENT)
+        mac_fn, refusal = self._authenticate(message, auth, origin, settles=route.op is Network.SETTLEMENT)
         if refusal is not None:
             log.warning("batch message refused", op=route.op.value, terminal=auth.terminal_id, peer=origin.peer,
                         reason=refusal.value, mac_present="64" in request)
@@ -133,7 +133,7 @@ def _respond(request: Fields, route: Route, outcome: Outcome) -> Response:
     host_time = datetime.fromisoformat(outcome.host_time) if outcome.host_time else datetime.now()
     fields["12"] = host_time.strftime("%H%M%S")
     fields["13"] = host_time.strftime("%m%d")
-    if route.op is Op.SETTLEMENT and outcome.approved:
+    if route.op is Network.SETTLEMENT and outcome.approved:
         # 15: the business date the batch settles on; 48: the terminal's totals, each
         # block marked balanced or not (no foreign cards here: balanced when zero).
         fields["15"] = outcome.business_date[5:7] + outcome.business_date[8:10]

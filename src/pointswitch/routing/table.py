@@ -10,19 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..ledger import Operation
 
-class Op(StrEnum):
+
+class Network(StrEnum):
+    """The messages that are not a financial operation: network management and the
+    batch messages, routed by MTI + network management code (``NETWORK``). A financial
+    route names the ledger's ``Operation``."""
+
     SIGN_ON = "sign_on"
     SIGN_OFF = "sign_off"
     ECHO = "echo"
-    INQUIRY = "inquiry"
-    ACCRUE = "accrue"
-    VOID_ACCRUAL = "void_accrual"
-    REFUND = "refund"
-    REDEEM = "redeem"
-    VOID_REDEMPTION = "void_redemption"
-    POINTS_TO_CARD = "points_to_card"
-    INSURANCE = "insurance"
     SETTLEMENT = "settlement"
     BATCH_UPLOAD = "batch_upload"
     UPLOAD_END = "batch_upload_end"
@@ -30,7 +28,7 @@ class Op(StrEnum):
 
 @dataclass(frozen=True)
 class Route:
-    op: Op
+    op: Operation | Network  # its value is the ``op`` of the request's log line
     required: tuple[str, ...]  # fields that must be present; otherwise 30
     supported: bool = True  # named by the protocol, provided by a later version: 40
     pin: bool = False  # the member's PIN is required (field 52)
@@ -41,40 +39,36 @@ _CARD = ("2",)
 
 # (MTI, F3[:2], F25, 60.1) -> route
 FINANCIAL: dict[tuple[str, str, str, str], Route] = {
-    ("0200", "31", "00", "01"): Route(Op.INQUIRY, _FIN + _CARD, pin=True),
-    ("0200", "00", "00", "22"): Route(Op.ACCRUE, _FIN + _CARD + ("4",)),
-    ("0200", "20", "00", "23"): Route(Op.VOID_ACCRUAL, _FIN + _CARD + ("4", "61")),
-    ("0220", "20", "00", "25"): Route(Op.REFUND, _FIN + _CARD + ("4", "61")),
-    ("0200", "00", "00", "51"): Route(Op.REDEEM, _FIN + _CARD + ("4",), pin=True),
-    ("0200", "20", "00", "52"): Route(Op.VOID_REDEMPTION, _FIN + _CARD + ("4", "61")),
-    ("0200", "40", "00", "53"): Route(Op.POINTS_TO_CARD, _FIN + _CARD + ("4", "48"), pin=True),
-    ("0200", "50", "00", "54"): Route(Op.INSURANCE, _FIN + _CARD + ("4", "48"), pin=True),
+    ("0200", "31", "00", "01"): Route(Operation.INQUIRY, _FIN + _CARD, pin=True),
+    ("0200", "00", "00", "22"): Route(Operation.ACCRUE, _FIN + _CARD + ("4",)),
+    ("0200", "20", "00", "23"): Route(Operation.VOID_ACCRUAL, _FIN + _CARD + ("4", "61")),
+    ("0220", "20", "00", "25"): Route(Operation.REFUND, _FIN + _CARD + ("4", "61")),
+    ("0200", "00", "00", "51"): Route(Operation.REDEEM, _FIN + _CARD + ("4",), pin=True),
+    ("0200", "20", "00", "52"): Route(Operation.VOID_REDEMPTION, _FIN + _CARD + ("4", "61")),
+    ("0200", "40", "00", "53"): Route(Operation.CASH_OUT, _FIN + _CARD + ("4", "48"), pin=True),
+    ("0200", "50", "00", "54"): Route(Operation.INSURANCE, _FIN + _CARD + ("4", "48"), pin=True),
 }
 
-NETWORK_OPS = {Op.SIGN_ON, Op.SIGN_OFF, Op.ECHO, Op.SETTLEMENT, Op.BATCH_UPLOAD, Op.UPLOAD_END}
-
 # Operations a reversal may undo.
-REVERSIBLE = {Op.ACCRUE, Op.VOID_ACCRUAL, Op.REFUND, Op.REDEEM, Op.VOID_REDEMPTION, Op.POINTS_TO_CARD, Op.INSURANCE}
-
-# Operations carried to an upstream host (two-phase: hold, send, post or release).
-UPSTREAM = {Op.POINTS_TO_CARD, Op.INSURANCE}
+REVERSIBLE = {Operation.ACCRUE, Operation.VOID_ACCRUAL, Operation.REFUND, Operation.REDEEM,
+              Operation.VOID_REDEMPTION, Operation.CASH_OUT, Operation.INSURANCE}
 
 _BATCH = ("11", "41", "42", "48", "60")
 
 # (MTI, network management code) -> route
 NETWORK: dict[tuple[str, str], Route] = {
-    ("0800", "001"): Route(Op.SIGN_ON, ("41", "42")),
-    ("0800", "003"): Route(Op.SIGN_ON, ("41", "42")),
-    ("0800", "004"): Route(Op.SIGN_ON, ("41", "42")),
-    ("0820", "002"): Route(Op.SIGN_OFF, ("41", "42")),
-    ("0820", "301"): Route(Op.ECHO, ()),
-    ("0800", "301"): Route(Op.ECHO, ()),  # host-to-host echo (field 70 = 301)
-    ("0800", "002"): Route(Op.SIGN_OFF, ("41", "42")),
+    ("0800", "001"): Route(Network.SIGN_ON, ("41", "42")),
+    ("0800", "003"): Route(Network.SIGN_ON, ("41", "42")),
+    ("0800", "004"): Route(Network.SIGN_ON, ("41", "42")),
+    ("0820", "002"): Route(Network.SIGN_OFF, ("41", "42")),
+    ("0820", "301"): Route(Network.ECHO, ()),
+    ("0800", "301"): Route(Network.ECHO, ()),  # host-to-host echo (field 70 = 301)
+    ("0800", "002"): Route(Network.SIGN_OFF, ("41", "42")),
     # Batch settlement and upload (routing.settlement): 60.2 names the batch, 11 the message.
-    ("0500", "201"): Route(Op.SETTLEMENT, _BATCH),
-    ("0320", "201"): Route(Op.BATCH_UPLOAD, _BATCH),
-    ("0320", "202"): Route(Op.UPLOAD_END, _BATCH),  # after a batch that did not balance
-    ("0320", "207"): Route(Op.UPLOAD_END, _BATCH),  # after one that did
+    ("0500", "201"): Route(Network.SETTLEMENT, _BATCH),
+    ("0320", "201"): Route(Network.BATCH_UPLOAD, _BATCH),
+    ("0320", "202"): Route(Network.UPLOAD_END, _BATCH),  # after a batch that did not balance
+    ("0320", "207"): Route(Network.UPLOAD_END, _BATCH),  # after one that did
 }
 
 REQUEST_MTIS = {"0200", "0220", "0400", "0420", "0500", "0320", "0800", "0820"}

@@ -52,6 +52,9 @@ def build_app(services: WebServices) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _health)
     setup_api(app, services)
+    from .console import setup_console  # the console's modules import this one
+
+    setup_console(app, services)
     return app
 
 

@@ -12,18 +12,20 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 
 from ...ledger.api import ApiTerminals
 from ...ledger.members import CodeRules, MemberCards
+from ...messages.channels import SmsGateway
 from ...routing import codes
 from ...switch import metrics
 from ...switch.health import DATABASE_ERRORS
 from . import member, merchant
 from .answers import CODE, MASKED_CARD, OPERATION, refusal
 from .guard import KeyCache, ReplayGuard, TokenBuckets
-from .login_codes import StoredCodes
+from .login_codes import CodeSender, SmsCodes, StoredCodes
 from .openapi import openapi_document
 from .state import STATE, ApiState
 from .tokens import TokenSigner
@@ -77,7 +79,7 @@ def setup_api(app: web.Application, services: Any) -> web.Application:
     """Mount the API on ``app`` at /api/v1 (the state is completed at start-up)."""
     config, pool, ledger = services.config, services.pool, services.ledger
     api = config.api
-    vault = services.extra["vault"]
+    vault = ledger.vault
     timeout_s = config.database.command_timeout_s
     terminals = ApiTerminals(pool, vault, acquire_timeout_s=timeout_s)
     members = MemberCards(pool, vault, CodeRules(api.member_code_ttl_s, api.member_code_resend_s,
@@ -87,6 +89,10 @@ def setup_api(app: web.Application, services: Any) -> web.Application:
 
     async def start(_app: web.Application) -> None:
         signer = TokenSigner(await members.secret("member-token"), api.member_token_ttl_s)
+        codes_sender: CodeSender = services.extra.get("code_sender") or StoredCodes(members)
+        if "code_sender" not in services.extra and config.messages.enabled and config.messages.sms_url:
+            session = sessions[0] = aiohttp.ClientSession()
+            codes_sender = SmsCodes(members, SmsGateway(session, config.messages), api.member_code_ttl_s)
         sub[STATE] = ApiState(
             config=api, ledger=ledger, terminals=terminals, members=members,
             keys=KeyCache(terminals.key, api.key_cache_s, api.max_tracked_clients),
@@ -94,10 +100,16 @@ def setup_api(app: web.Application, services: Any) -> web.Application:
             replays=ReplayGuard(api.signature_window_s, api.max_replay_entries),
             logins=TokenBuckets(api.member_logins_per_minute_per_client / 60,
                                 api.member_logins_per_minute_per_client, api.max_tracked_clients),
-            tokens=signer, codes=services.extra.get("code_sender") or StoredCodes(members),
+            tokens=signer, codes=codes_sender,
             request_timeout_s=config.limits.request_timeout_s, commit_wait_s=config.limits.commit_wait_s)
 
+    async def stop(_app: web.Application) -> None:
+        for session in sessions.values():
+            await session.close()
+
+    sessions: dict[int, aiohttp.ClientSession] = {}  # the SMS gateway's, when login codes go by SMS
     sub.on_startup.append(start)
+    sub.on_cleanup.append(stop)
     sub.router.add_get("/openapi.json", _openapi)
     merchant.add_routes(sub)
     member.add_routes(sub)
