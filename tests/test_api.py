@@ -348,3 +348,35 @@ async def test_a_void_of_a_redemption_gives_the_points_back(switch, network):
     voided = await api.post("/void", {"card": card, "amount_fen": 20, "original": "pay-9"})
     assert voided.code == "00" and voided.body["operation"] == "void_redemption"
     assert voided.body["points_balance"] == 50
+
+
+async def test_a_batch_with_every_trace_drawn_refuses_new_keys_and_still_answers_old_ones(switch, network):
+    api = await api_client(switch, network)
+    card = network.cards[0]
+    body = {"card": card, "amount_fen": 1000}
+    first = await api.post("/accrue", body, idempotency_key="before-full")
+    con = await network.db()
+    try:
+        await con.execute("UPDATE api_traces SET last_trace = 999999 WHERE terminal_id = $1", api.terminal_id)
+    finally:
+        await con.close()
+    full = await api.post("/accrue", body, idempotency_key="after-full")
+    assert full.status == 503 and full.code == "96"
+    assert (await api.post("/accrue", body, idempotency_key="before-full")).body == first.body
+    assert await network.balance(card) == 10 and await postings_of(network, api.terminal_id) == 1
+
+
+async def test_drawing_a_trace_commits_asynchronously_and_only_that_transaction(switch, network):
+    """The mapping's commit needs no flush of its own (the posting's flushes it, decision 48)."""
+    from pointswitch.ledger.api import _MAP, MAX_TRACE
+
+    api = await api_client(switch, network)
+    con = await network.db()
+    try:
+        async with con.transaction():
+            row = await con.fetchrow(_MAP, api.terminal_id, "probe-1", MAX_TRACE)
+            assert row is not None and not row["full"] and row["trace"] >= 1
+            assert await con.fetchval("SELECT current_setting('synchronous_commit')") == "off"
+        assert await con.fetchval("SELECT current_setting('synchronous_commit')") == "on"
+    finally:
+        await con.close()

@@ -33,18 +33,35 @@ MAX_TRACE = 999_999
 
 _MAPPED = "SELECT batch, trace FROM api_requests WHERE terminal_id = $1 AND idempotency_key = $2"
 
-# The next trace of the terminal's open batch (the row lock serialises the terminal's draws).
-_DRAW = """
-INSERT INTO api_traces (terminal_id, batch, last_trace)
-SELECT terminal_id, current_batch, 1 FROM terminals WHERE terminal_id = $1
-ON CONFLICT (terminal_id, batch) DO UPDATE SET last_trace = api_traces.last_trace + 1
-RETURNING batch, last_trace
-"""
-
+# One round trip: the key's mapping if it has one; else the next trace of the
+# terminal's open batch is drawn (the api_traces row lock serialises the terminal's
+# draws) and mapped to it. A concurrent first request under the same key waits for
+# the other's insert and maps nothing (its drawn trace stays unused): the caller
+# reads the winner's mapping. A trace past MAX_TRACE is drawn but not mapped ("full").
+#
+# The mapping commits asynchronously (synchronous_commit off for this transaction
+# only): a posting made under it commits later, synchronously, and flushing the
+# WAL up to that commit flushes the mapping too; so a crash can lose a mapping only
+# together with everything posted under it, and then a retry draws a new one.
 _MAP = """
-INSERT INTO api_requests (terminal_id, idempotency_key, batch, trace) VALUES ($1, $2, $3, $4)
-ON CONFLICT (terminal_id, idempotency_key) DO NOTHING
-RETURNING batch, trace
+WITH commit_mode AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS setting),
+known AS (
+    SELECT batch, trace FROM api_requests WHERE terminal_id = $1 AND idempotency_key = $2
+), drawn AS (
+    INSERT INTO api_traces (terminal_id, batch, last_trace)
+    SELECT terminal_id, current_batch, 1 FROM terminals, commit_mode
+    WHERE terminal_id = $1 AND NOT EXISTS (SELECT 1 FROM known)
+    ON CONFLICT (terminal_id, batch) DO UPDATE SET last_trace = api_traces.last_trace + 1
+    RETURNING batch, last_trace
+), mapped AS (
+    INSERT INTO api_requests (terminal_id, idempotency_key, batch, trace)
+    SELECT $1, $2, batch, last_trace FROM drawn WHERE last_trace <= $3
+    ON CONFLICT (terminal_id, idempotency_key) DO NOTHING
+    RETURNING batch, trace
+)
+SELECT batch, trace, false AS full FROM known
+UNION ALL SELECT batch, trace, false FROM mapped
+UNION ALL SELECT batch, last_trace, true FROM drawn WHERE last_trace > $3
 """
 
 _ORIGINAL = """
@@ -118,18 +135,13 @@ class ApiTerminals:
     async def request_key(self, terminal_id: str, idempotency_key: str) -> RequestKey:
         """The ledger request key an Idempotency-Key stands for: drawn the first time."""
         async with self._pool.acquire(timeout=self._acquire_timeout_s) as con:
-            row = await con.fetchrow(_MAPPED, terminal_id, idempotency_key)
-            if row is None:
-                async with con.transaction():
-                    drawn = await con.fetchrow(_DRAW, terminal_id)
-                    if drawn is None:
-                        raise AdminError(f"no terminal {terminal_id}")
-                    if drawn["last_trace"] > MAX_TRACE:
-                        raise TracesExhausted(terminal_id)
-                    row = await con.fetchrow(_MAP, terminal_id, idempotency_key, drawn["batch"], drawn["last_trace"])
-                if row is None:  # a concurrent request under the same key mapped it first
-                    row = await con.fetchrow(_MAPPED, terminal_id, idempotency_key)
-        assert row is not None
+            row = await con.fetchrow(_MAP, terminal_id, idempotency_key, MAX_TRACE)
+            if row is None:  # a concurrent request under the same key mapped it first (or no such terminal)
+                row = await con.fetchrow(_MAPPED, terminal_id, idempotency_key)
+        if row is None:
+            raise AdminError(f"no terminal {terminal_id}")
+        if row.get("full"):
+            raise TracesExhausted(terminal_id)
         return RequestKey(terminal_id, row["batch"], row["trace"])
 
     async def original(self, terminal_id: str, idempotency_key: str) -> Original | None:
