@@ -68,3 +68,19 @@ def test_a_member_token_names_one_card_until_it_expires():
     payload, mac = token.split(".")
     assert signer.card_index(payload[:-2] + "xx." + mac, now=1000) is None
     assert signer.card_index("a.b.c", now=1000) is None and signer.card_index("x" * 600, now=1000) is None
+
+
+def test_api_settings_are_read_from_the_file_and_checked(tmp_path):
+    import pytest
+
+    from pointswitch.config import ConfigError, load
+
+    path = tmp_path / "switch.toml"
+    path.write_text("[api]\nsignature_window_s = 60\nrequests_per_s_per_key = 5\nmember_token_ttl_s = 600\n")
+    config = load(path, env={})
+    assert (config.api.signature_window_s, config.api.requests_per_s_per_key) == (60.0, 5.0)
+    assert config.api.member_token_ttl_s == 600.0 and config.api.burst_per_key == 40
+    for bad in ("max_requests_in_flight = 0", "member_code_tries = -1", "no_such_setting = 1"):
+        path.write_text(f"[api]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load(path, env={})
