@@ -68,6 +68,7 @@ def _test_config() -> Config:
     cfg.security.max_mac_failures_per_terminal = 1_000_000
     cfg.security.sign_ons_per_minute = 100_000
     cfg.security.sign_ons_per_minute_per_peer = 100_000
+    cfg.api.member_logins_per_minute_per_client = 100_000
     # Days are closed by the tests that close them, never by the clock passing a cut-off mid-run.
     cfg.day.auto_close = False
     cfg.http.port = 0  # a free port: several switches run side by side in one test session

@@ -41,6 +41,15 @@ def cmd_admin(args: argparse.Namespace) -> int:
             single_des_allowed=args.allow_single_des))
     elif what == "terminal" and action == "rekey":
         result = common.with_db(args, lambda c, v: admin.rekey_terminal(c, v, args.terminal_id, tmk))
+    elif what == "terminal" and action == "api-key":
+        from ..ledger.api import issue_api_key
+
+        result = common.with_db(args, lambda c, v: issue_api_key(c, v, args.terminal_id))
+        if not args.json:
+            print(f"API key {result['api_key']}")
+            print("  (shown once: give it to the merchant's system now; it is stored only sealed under the master"
+                  " key, and the terminal now speaks the JSON API only)")
+            result = {k: v for k, v in result.items() if k != "api_key"}
     elif what == "terminal" and action == "list":
         result = common.with_db(args, lambda c, v: admin.list_terminals(c, merchant_id=args.merchant))
     elif what == "terminal" and action in ("disable", "enable"):
@@ -199,6 +208,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction: 
     sp.add_argument("terminal_id")
     sp.add_argument("--tmk", metavar="-", help="import the new master key (32 hex digits): '-' reads it from"
                     " standard input; default: generate one")
+    sp = admin_cmd(t, "api-key", "issue or rotate a terminal's JSON API key (shown once); it then speaks the API only")
+    sp.add_argument("terminal_id")
     sp = admin_cmd(t, "list", "list terminals")
     sp.add_argument("--merchant")
     for action in ("disable", "enable"):

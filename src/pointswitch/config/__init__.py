@@ -49,6 +49,7 @@ from typing import Any
 
 from .sections import (
     DEFAULT_LISTENERS,
+    ApiConfig,
     ConfigError,
     ConnectorConfig,
     ConsoleConfig,
@@ -67,10 +68,9 @@ from .sections import (
 WORKER_ENV = "POINTSWITCH_WORKER"  # set by ``serve --workers`` in each worker process: its number
 
 __all__ = [
-    "Config", "load", "ConfigError", "ConnectorConfig", "ConsoleConfig", "DEFAULT_LISTENERS", "DatabaseConfig",
-    "DayConfig", "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MessagesConfig", "MetricsConfig",
-    "SecurityConfig",
-    "UsageConfig", "WORKER_ENV",
+    "ApiConfig", "Config", "load", "ConfigError", "ConnectorConfig", "ConsoleConfig", "DEFAULT_LISTENERS",
+    "DatabaseConfig", "DayConfig", "ExpiryConfig", "HttpConfig", "Limits", "ListenerConfig", "MessagesConfig",
+    "MetricsConfig", "SecurityConfig", "UsageConfig", "WORKER_ENV",
 ]
 
 
@@ -82,6 +82,7 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     connectors: list[ConnectorConfig] = field(default_factory=list)
     cash_out: UsageConfig = field(default_factory=lambda: UsageConfig(connector="bank"))
@@ -142,7 +143,8 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
             raise ConfigError(f"config file {path}: {exc}") from None
     config = Config()
     unknown = set(raw) - {"listener", "connector", "limits", "database", "security", "cash_out", "insurance",
-                          "metrics", "http", "console", "day", "expiry", "messages", "log_level", "workers"}
+                          "metrics", "http", "api", "console", "day", "expiry", "messages", "log_level",
+                          "workers"}
     if unknown:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     if "listener" in raw:
@@ -170,6 +172,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     _apply(config.security, raw.get("security", {}), "security")
     _apply(config.metrics, raw.get("metrics", {}), "metrics")
     _apply(config.http, raw.get("http", {}), "http")
+    _apply(config.api, raw.get("api", {}), "api")
     _apply(config.console, raw.get("console", {}), "console")
     _apply(config.day, raw.get("day", {}), "day")
     _apply(config.expiry, raw.get("expiry", {}), "expiry")
@@ -219,6 +222,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         if rate <= 0 or usage.fee_points < 0 or usage.min_amount_fen < 1 or usage.daily_limit_fen < 0:
             raise ConfigError(f"[{section}]: points_per_yuan > 0, fee_points >= 0, min_amount_fen >= 1")
     config.day.validate()
+    config.api.validate()
     config.messages.validate()
     if not 1 <= config.workers <= 64:
         raise ConfigError(f"workers is 1 to 64, not {config.workers}")

@@ -125,6 +125,37 @@ class HttpConfig:
 
 
 @dataclass
+class ApiConfig:
+    """The JSON API under ``/api/v1`` (docs/api.md): merchants' PCs and shops sign each
+    request with their terminal's API key; members log in with a one-time code."""
+
+    signature_window_s: float = 300.0  # a request's X-Timestamp further than this from now is refused
+    max_requests_in_flight: int = 64  # API requests at once; past it: 503 (code 96), nothing done
+    requests_per_s_per_key: float = 20.0  # sustained requests per API key; past it: 429 (code 65)
+    burst_per_key: int = 40  # ... with bursts up to this many
+    key_cache_s: float = 30.0  # API keys are re-read this often (a rotated key stops working within it)
+    max_replay_entries: int = 100_000  # signatures of non-idempotent requests remembered for the window
+    max_tracked_clients: int = 10_000  # API keys and member login addresses whose rates are tracked
+    member_code_ttl_s: float = 300.0  # a login code is valid this long
+    member_code_resend_s: float = 60.0  # at most one code per card this often
+    member_code_tries: int = 5  # wrong tries of one code before it is void
+    member_max_failures: int = 10  # wrong codes in a row before the card's logins are locked ...
+    member_lockout_s: float = 900.0  # ... for this long
+    member_token_ttl_s: float = 3600.0  # a member's bearer token is valid this long
+    member_logins_per_minute_per_client: int = 20  # code requests and code checks from one address
+    max_history: int = 100  # postings a member's history shows at most
+
+    def validate(self) -> None:
+        positive = ("signature_window_s", "max_requests_in_flight", "requests_per_s_per_key", "burst_per_key",
+                    "max_replay_entries", "max_tracked_clients", "member_code_ttl_s", "member_code_tries",
+                    "member_max_failures", "member_token_ttl_s", "member_logins_per_minute_per_client",
+                    "max_history")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"[api] {name} must be positive")
+
+
+@dataclass
 class ConsoleConfig:
     """The operator console (``/console``, docs/console.md): sessions, logins, lockout."""
 

@@ -57,6 +57,7 @@ class FrameHandler:
         self.request_timeout_s = request_timeout_s
         self.commit_wait_s = commit_wait_s
         self.health = health or DatabaseHealth()
+        self.metrics = metrics.RequestMetrics(policy.name)
 
     def overloaded(self, frame: bytes, peer: str = "") -> Answer:
         """When too many requests are in progress: 96 at once, nothing routed; none at all for a
@@ -188,8 +189,11 @@ class FrameHandler:
 
     def _log(self, request: dict[str, str], response: Response | None, started: float, peer: str,
              **extra: object) -> None:
-        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        seconds = time.perf_counter() - started
+        latency_ms = round(seconds * 1000, 2)
         rc = response.fields.get("39") if response else None
+        op = extra.get("op")
+        self.metrics.observe(op if isinstance(op, str) else "", rc, seconds)
         event = "transaction" if rc == "00" else "transaction declined" if rc else "frame not answered"
         log.info(
             event,

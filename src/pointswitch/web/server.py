@@ -12,6 +12,8 @@ import structlog
 from aiohttp import web
 
 from ..config import Config
+from . import metrics
+from .api import setup_api
 
 log = structlog.get_logger("pointswitch.web")
 
@@ -30,7 +32,11 @@ class WebServices:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+GAUGES: web.AppKey[metrics.DatabaseGauges] = web.AppKey("database_gauges")
+
+
 async def _metrics(request: web.Request) -> web.Response:
+    await request.app[GAUGES].refresh()
     body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
     return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
@@ -42,8 +48,10 @@ async def _health(request: web.Request) -> web.Response:
 def build_app(services: WebServices) -> web.Application:
     app = web.Application(client_max_size=services.config.http.max_body_bytes)
     app[SERVICES] = services
+    app[GAUGES] = metrics.DatabaseGauges(services)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _health)
+    setup_api(app, services)
     from .console import setup_console  # the console's modules import this one
 
     setup_console(app, services)
@@ -63,6 +71,7 @@ class WebServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, http.host, http.port, reuse_address=True)
         await site.start()
+        metrics.WATCHED.sources.append(self.services)
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         host, port = sockets[0].getsockname()[:2] if sockets else (http.host, http.port)
@@ -70,6 +79,8 @@ class WebServer:
         log.info("web layer serving", host=host, port=port)
 
     async def stop(self) -> None:
+        if self.services in metrics.WATCHED.sources:
+            metrics.WATCHED.sources.remove(self.services)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
