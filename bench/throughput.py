@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=positive_int, default=20000,
                    help="with cash_out in the mix: accruals sent first, unmeasured, so cards have points"
                         " (default 20000)")
+    p.add_argument("--pgbench-duration", type=float,
+                   help="seconds of pgbench (default: --duration; a long soak of the switch needs no long pgbench)")
     p.add_argument("--pgbench-scale", type=positive_int, default=10, help="pgbench -i -s (default 10)")
     p.add_argument("--pointswitch", type=Path, default=Path(sys.executable).parent / "pointswitch",
                    help="the pointswitch executable to measure (default: the one beside this Python)")
@@ -173,7 +175,7 @@ def run_pgbench(pg: Postgres, args: argparse.Namespace) -> dict[str, Any]:
     run([pgbench, "-i", "-q", "-s", str(args.pgbench_scale), database], env=pg.env(), timeout=600)
     init_s = time.monotonic() - started
     jobs = min(args.connections, os.cpu_count() or 1)
-    seconds = max(1, round(args.duration))
+    seconds = max(1, round(args.pgbench_duration or args.duration))
     say(f"pgbench -N -c {args.connections} -j {jobs} -T {seconds}")
     meter = CpuMeter(pg)
     out = run([pgbench, "-N", "-c", str(args.connections), "-j", str(jobs), "-T", str(seconds), database],
