@@ -136,6 +136,7 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         pg.start()
         switch = Switch(build, pg.dsn, folder, env, args.log_level)
         http_port = free_port()
+        env["POINTSWITCH_HTTP_PORT"] = str(http_port)  # clean_env's free-port default would override the file
         rate = n * 10_000  # the per-key rate limit is not what is measured
         switch.start(extra_config=f'\n[http]\nport = {http_port}\n\n[api]\nrequests_per_s_per_key = {rate}\n'
                                   f'burst_per_key = {rate}\nmax_requests_in_flight = {max(64, 4 * n)}\n')
