@@ -38,7 +38,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import BenchError, CpuMeter, clean_env, free_port, machine, run, say  # noqa: E402
-from throughput import Build, Postgres, Switch, run_load  # noqa: E402
+from parties import Build, Postgres, Switch  # noqa: E402
+from throughput import run_load  # noqa: E402
 
 FIRST_CARD = 6288990000000000  # admin seed's first load card
 
