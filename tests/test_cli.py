@@ -250,6 +250,9 @@ def test_demo_runs_the_scenario_and_the_invariants_hold(tmp_path):
     assert "6288880000000000017" not in result.stdout + result.stderr
     assert "6222020000000000018" not in result.stdout + result.stderr, "bank card numbers are masked too"
     assert "bank host: credited 1.00 yuan net (2 credits, 1 reversed)" in result.stdout
+    # Prometheus sees what the terminals did: the demo scrapes its own /metrics.
+    counted = re.search(r"requests counted by /metrics \(operation, code\): (.*)", result.stdout)
+    assert counted and "accrue 00 x8" in counted.group(1) and "cash_out 00 x1" in counted.group(1)
 
 
 def test_config_file_and_environment(tmp_path):

@@ -126,7 +126,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   "ledger invariants hold" if not problems else f"INVARIANTS BROKEN: {problems}")
             closed = await end_of_day(running)
             await demo_messages.print_received(running.pool, inbox)
+            await show_web(running)
             return 0 if not problems and closed["sum_net_fen"] == 0 else 1
+
+    async def show_web(running: Any) -> None:
+        """Where the console, the API and the metrics are, and what Prometheus would scrape."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        host, port = running.web.bound
+        base = f"http://{host}:{port}"
+        async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+        counted: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name == "pointswitch_requests":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        key = (sample.labels.get("operation", ""), sample.labels.get("code", ""))
+                        counted[key] = counted.get(key, 0) + sample.value
+        print(f"\nthe web layer of this run: console {base}/console, JSON API {base}/api/v1,"
+              f" metrics {base}/metrics (a console operator: pointswitch admin operator add NAME --role operator)")
+        print("requests counted by /metrics (operation, code):",
+              ", ".join(f"{op} {code} x{int(n)}" for (op, code), n in sorted(counted.items())))
 
     async def end_of_day(running: Any) -> dict[str, Any]:
         """The day ends: the business day is cut off and closed, its clearing printed."""
