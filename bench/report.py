@@ -45,8 +45,9 @@ def check(result: dict[str, Any]) -> tuple[list[str], list[str]]:
     if disturbed(load["cpu_percent_of_one_core"]):
         warnings.append("other processes used the CPU during the load: the switch's figures are low")
     generator = float(load["cpu_percent_of_one_core"].get("load_generator", 0.0))
-    if generator >= LOAD_GENERATOR_LIMIT:
-        warnings.append(f"the load generator used {generator} % of a core: it, not the switch, limited this run")
+    if generator >= LOAD_GENERATOR_LIMIT * int(load.get("load_processes", 1)):
+        warnings.append(f"the load generator used {generator} % of one core over {load.get('load_processes', 1)}"
+                        " process(es): it, not the switch, limited this run (more: --load-processes)")
     if disturbed(result["pgbench"]["cpu_percent_of_one_core"]):
         warnings.append("other processes used the CPU during pgbench: its figure is low")
     return problems, warnings

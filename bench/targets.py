@@ -36,6 +36,8 @@ SCENARIOS: list[tuple[str, list[str], str, float]] = [
 def run_scenario(args: argparse.Namespace, options: list[str]) -> dict[str, Any] | None:
     cmd = [sys.executable, str(HERE / "throughput.py"), "--connections", str(args.connections), "--depth",
            str(args.depth), "--duration", str(args.duration), "--json", *options]
+    if args.load_processes > 1:
+        cmd += ["--load-processes", str(args.load_processes)]
     if args.pointswitch:
         cmd += ["--pointswitch", args.pointswitch]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--pointswitch", help="the pointswitch executable to measure")
+    p.add_argument("--load-processes", type=int, default=1, help="sim load processes (throughput.py)")
     p.add_argument("--only", action="append", help="run only these scenarios (by name; repeatable)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

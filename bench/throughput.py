@@ -41,6 +41,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import loadgen  # noqa: E402
 import statements  # noqa: E402
 from measure import (  # noqa: E402
     SAMPLE_S,
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", default="accrue=80,inquiry=10,redeem=10",
                    help="operation weights (default accrue=80,inquiry=10,redeem=10)")
     p.add_argument("--depth", type=positive_int, default=1, help="requests outstanding per connection (default 1)")
+    p.add_argument("--load-processes", type=positive_int, default=1,
+                   help="sim load processes sharing the connections (default 1; more when one is the limit)")
     p.add_argument("--pin", default="123456", help="PIN of the load cards (builds with terminal security)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="the switch's log level (default info: one line per transaction, as in production)")
@@ -126,6 +129,7 @@ def run_load(switch: Switch, pg: Postgres, args: argparse.Namespace, tmk: str | 
         cmd += ["--pin", args.pin]
         if tmk:
             cmd += ["--tmk", tmk]
+    shares = loadgen.split(args.connections, args.load_processes)
     process = psutil.Process(switch.pid)
     rss = [tree_rss(process)]
     meter = CpuMeter(pg, switch.pid)
@@ -139,13 +143,14 @@ def run_load(switch: Switch, pg: Postgres, args: argparse.Namespace, tmk: str | 
             pass
         meter.tick()
 
-    out = run(cmd, env=switch.env, timeout=args.duration + 120, tick=tick)
+    if len(shares) > 1:  # each process drives terminals of its own; their reports merge exactly
+        cmds = [[*cmd, "--first-terminal", str(first), "--connections", str(n), "--latencies"] for first, n in shares]
+        report = loadgen.merge(loadgen.parse(loadgen.run_many(cmds, env=switch.env, timeout=args.duration + 120,
+                                                              tick=tick)))
+    else:
+        report = loadgen.parse([run(cmd, env=switch.env, timeout=args.duration + 120, tick=tick)])[0]
     cpu = meter.finish()
     rss.append(tree_rss(process))
-    try:
-        report: dict[str, Any] = json.loads(out)
-    except ValueError as exc:
-        raise BenchError(f"sim load printed no JSON report ({exc}): {out[:500]}") from None
     report["switch_process"] = {
         "rss_mib_before_load": round(rss[0] / MIB, 1),
         "rss_mib_peak": round(max(rss) / MIB, 1),
@@ -285,6 +290,7 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     result: dict[str, Any] = {
         "machine": {**machine(), "postgresql": pg.version},
         "settings": {"workers": args.workers, "connections": args.connections, "depth": args.depth,
+                     "load_processes": args.load_processes,
                      "duration_s": args.duration,
                      "terminals": args.terminals, "cards": args.cards, "mix": args.mix,
                      "switch_log_level": args.log_level},

@@ -164,6 +164,17 @@ async def test_load_counts_what_each_terminal_saw_and_its_journal_reconciles_wit
     assert await network.balance(card) == sum(e["points_moved"] for e in lines if e["rc"] == "00" and e["amount_fen"])
 
 
+async def test_a_load_process_drives_the_terminals_it_is_given(switch: SwitchUnderTest, network: Network):
+    """``--first-terminal``: several load processes share a network's terminals without
+    two of them driving the same one (bench/throughput.py --load-processes)."""
+    card, tid = network.cards[0], network.terminal_ids[0]
+    plan = LoadPlan("127.0.0.1", switch.ports["cup"], network.merchant_id, terminal_prefix=tid[:6],
+                    first_terminal=int(tid[6:]), connections=1, duration_s=None, count=3, first_card=int(card),
+                    cards=1, mix={"accrue": 1}, tmk=network.tmks[tid])
+    report = (await run_load(plan, progress=None)).as_dict()
+    assert list(report["terminals"]) == [tid] and report["response_codes"] == {"00": 3}
+
+
 async def test_sim_terminal_reverses_what_goes_unanswered_unless_told_not_to(
         switch: SwitchUnderTest, network: Network, tmp_path: Path):
     card, tid = network.cards[1], network.terminal_ids[0]

@@ -210,7 +210,7 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
         mix[name] = int(weight)
     plan = LoadPlan(
         host=args.host, port=args.port, merchant_id=args.merchant, terminal_prefix=args.terminal_prefix,
-        connections=args.connections, depth=args.depth,
+        first_terminal=args.first_terminal, connections=args.connections, depth=args.depth,
         duration_s=None if args.count else args.duration, count=args.count,
         first_card=int(args.first_card), cards=args.cards, mix=mix, dialect=args.dialect,
         framing=args.framing, seed=args.seed,
@@ -220,7 +220,10 @@ def cmd_sim_load(args: argparse.Namespace) -> int:
     )
     install_uvloop()
     report = asyncio.run(run_load(plan, progress=None if args.json else sys.stderr))
-    common.print_result(report.as_dict(), args.json, lambda _d: report.render())
+    result = report.as_dict()
+    if args.latencies:
+        result["latencies_ms"] = [round(x, 3) for x in report.latencies_ms]
+    common.print_result(result, args.json, lambda _d: report.render())
     return 0 if report.latencies_ms else 1
 
 
@@ -287,6 +290,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sl.add_argument("--framing", default="binary2", choices=["binary2", "ascii4"])
     sl.add_argument("--merchant", default="MLOAD0000000001")
     sl.add_argument("--terminal-prefix", default="L")
+    sl.add_argument("--first-terminal", type=int, default=1,
+                    help="the first load terminal's number: several load processes use terminals of their own")
     sl.add_argument("--connections", type=int, default=8)
     sl.add_argument("--depth", type=int, default=1, help="requests outstanding per connection")
     sl.add_argument("--duration", type=float, default=10.0, help="seconds")
@@ -301,6 +306,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sl.add_argument("--timeout", type=float, default=10.0, help="seconds a terminal waits for an answer (default 10)")
     _practice_options(sl)
     sl.add_argument("--json", action="store_true")
+    sl.add_argument("--latencies", action="store_true",
+                    help="with --json: every answer's latency too, so the reports of several processes merge exactly")
     sl.set_defaults(func=cmd_sim_load)
 
 

@@ -38,6 +38,7 @@ class LoadPlan:
     port: int
     merchant_id: str
     terminal_prefix: str = "L"
+    first_terminal: int = 1  # connections use terminals first_terminal, first_terminal + 1, ...
     connections: int = 8
     depth: int = 1  # requests outstanding per connection
     duration_s: float | None = 10.0
@@ -190,7 +191,7 @@ async def run_load(plan: LoadPlan, progress: TextIO | None = sys.stderr) -> Load
     journal = TerminalJournal(plan.journal) if plan.journal else None
     try:
         for n in range(plan.connections):
-            client = TerminalClient(plan.host, plan.port, terminal_id(plan.terminal_prefix, n + 1),
+            client = TerminalClient(plan.host, plan.port, terminal_id(plan.terminal_prefix, plan.first_terminal + n),
                                     plan.merchant_id, dialect_name=plan.dialect, framing_name=plan.framing,
                                     timeout_s=plan.timeout_s, tmk=plan.tmk, default_pin=plan.pin,
                                     reversal_on_timeout=plan.reversal_on_timeout,
