@@ -128,6 +128,20 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwitchUnderTest
 
 
 _ids = itertools.count(1)
+_databases = itertools.count(1)
+
+
+async def fresh_database(sut: SwitchUnderTest, prefix: str) -> str:
+    """A new empty database on the test server (kept: a test's data can be read after it); its DSN."""
+    name = f"{prefix}{next(_databases)}_{os.getpid()}"
+    con = await asyncpg.connect(sut.dsn)
+    try:
+        await con.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await con.close()
+    dsn = sut.dsn.replace("/pointswitch?", f"/{name}?")
+    assert dsn != sut.dsn
+    return dsn
 
 
 async def answer_or_none(term: TerminalClient, frame: bytes, timeout_s: float = 0.5) -> dict[str, str] | None:

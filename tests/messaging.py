@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,8 @@ from pointswitch.ledger.vault import Vault
 from pointswitch.simulators.inbox import Inbox
 from pointswitch.simulators.terminal import TerminalClient
 
-from .conftest import TEST_PIN, SwitchUnderTest, _test_config
+from .conftest import TEST_PIN, SwitchUnderTest, _test_config, fresh_database
 
-_dbs = itertools.count(1)
 MERCHANT, OTHER_MERCHANT, TERMINAL = "MMSG00000000001", "MMSG00000000002", "TMSG0001"
 CARDS = ["6288660000000017", "6288660000000025", "6288660000000033"]
 PHONES = ["13900000017", "13900000025", "13900000033"]
@@ -79,14 +77,7 @@ async def messaging_switch(sut: SwitchUnderTest, tmp_path: Path, *, secrets: dic
                            **settings: Any) -> AsyncIterator[MessagingSwitch]:
     inbox = Inbox(secrets=dict(secrets or {}))
     await inbox.start()
-    name = f"msgs{next(_dbs)}_{id(tmp_path) % 100000}"
-    con = await asyncpg.connect(sut.dsn)
-    try:
-        await con.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await con.close()
-    dsn = sut.dsn.replace("/pointswitch?", f"/{name}?")
-    assert dsn != sut.dsn
+    dsn = await fresh_database(sut, "msgs")
     cfg = _test_config()
     cfg.database.data_dir = str(sut.data_dir)
     cfg.day.clearing_dir = str(tmp_path / "clearing")

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import csv
 import io
-import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ from pointswitch.ledger import admin, days
 from pointswitch.ledger.scheduler import DayCloser
 from pointswitch.simulators.terminal import TerminalClient
 
-from .conftest import TEST_PIN, SwitchUnderTest, _test_config
+from .conftest import TEST_PIN, SwitchUnderTest, _test_config, fresh_database
 from .test_cli import _cli
 
-_dbs = itertools.count(1)
 CARD = "6288770000000011"
 
 
@@ -67,14 +65,7 @@ class Day:
 async def day_switch(sut: SwitchUnderTest, tmp_path: Path) -> AsyncIterator[Day]:
     """A switch on a fresh database with merchants A (issues: terminals TDA00001-3)
     and B (redeems: TDB00001), and one card."""
-    name = f"days{next(_dbs)}_{id(tmp_path) % 100000}"
-    con = await asyncpg.connect(sut.dsn)
-    try:
-        await con.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await con.close()
-    dsn = sut.dsn.replace("/pointswitch?", f"/{name}?")
-    assert dsn != sut.dsn
+    dsn = await fresh_database(sut, "days")
     cfg = _test_config()
     cfg.database.data_dir = str(sut.data_dir)
     cfg.day.clearing_dir = str(tmp_path / "clearing")

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import structlog
 
+from ..tasks import cancel_and_wait
 from . import gate
 from .decide import Decision, decide_accrual
 from .model import Outcome, Posting
@@ -158,11 +159,7 @@ class GroupCommitter:
         self._tasks = [asyncio.create_task(self._writer(i), name=f"group-commit-{i}") for i in range(self.writers)]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         while not self._queue.empty():  # nothing of these began (their keys unchecked: not answered)
             item = self._queue.get_nowait()

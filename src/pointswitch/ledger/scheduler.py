@@ -9,12 +9,12 @@ date order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import asyncpg
 import structlog
 
+from ..tasks import cancel_and_wait
 from . import days
 from .days import DayError, Expirer
 
@@ -37,11 +37,8 @@ class DayCloser:
         self._task = asyncio.create_task(self._run(), name="day-closer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
 
     async def run_once(self) -> list[str]:
         """Close every day that is due; returns the dates closed."""

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import structlog
 
+from ..tasks import cancel_and_wait
 from .model import TerminalAuth
 
 log = structlog.get_logger("pointswitch.ledger")
@@ -61,10 +62,7 @@ class SessionCache:
         self._task = asyncio.create_task(self._keep_listening(connect), name="session-cache-listener")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait([self._task])
         con, self._con = self._con, None  # closing is not a loss
         if con is not None:
             with contextlib.suppress(Exception):

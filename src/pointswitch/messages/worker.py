@@ -30,6 +30,7 @@ from ..config import MessagesConfig
 from ..ledger import outbox
 from ..ledger.outbox import Message
 from ..ledger.vault import Vault
+from ..tasks import cancel_and_wait
 from .channels import Channel, Outgoing, SendError, build_channels
 from .templates import render, variables
 
@@ -100,11 +101,7 @@ class Messenger:
         log.info("messages worker started", channels=sorted(self.channels))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._listener is not None:
             with contextlib.suppress(Exception):

@@ -22,6 +22,7 @@ import structlog
 from ..codecs import Fields
 from ..ledger.saf import DueReversal, ReversalQueue
 from ..routing.legs import REVERSAL_ACKNOWLEDGED, UpstreamError, repeat_of
+from ..tasks import cancel_and_wait
 from .health import DATABASE_ERRORS
 from .upstream import Connector
 
@@ -42,11 +43,8 @@ class ReversalForwarder:
         self._task = asyncio.create_task(self._run(), name="reversal-forwarder")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         with contextlib.suppress(Exception):
             await self._publish()
 
