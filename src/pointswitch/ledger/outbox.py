@@ -144,6 +144,14 @@ async def give_up_old(con: asyncpg.Connection, max_age_s: float) -> dict[str, in
     return {r["channel"]: r["n"] for r in rows}
 
 
+async def next_due(con: asyncpg.Connection, channels: list[str]) -> datetime.datetime | None:
+    """When the soonest waiting message of these channels is due (None: none waits)."""
+    due: datetime.datetime | None = await con.fetchval(
+        "SELECT min(next_attempt_at) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
+        " AND channel = ANY($1::text[])", channels)
+    return due
+
+
 async def waiting(con: asyncpg.Connection) -> dict[str, int]:
     """Messages not yet delivered nor failed, per channel."""
     rows = await con.fetch("SELECT channel, count(*) AS n FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"

@@ -178,10 +178,7 @@ class Messenger:
         if not self.channels:
             return None
         async with self._pool.acquire() as con:
-            due: datetime.datetime | None = await con.fetchval(
-                "SELECT min(next_attempt_at) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
-                " AND channel = ANY($1::text[])", list(self.channels))
-        return due
+            return await outbox.next_due(con, list(self.channels))
 
     async def run_once(self) -> int:
         """Claim, send and mark one batch; returns how many messages it claimed."""
